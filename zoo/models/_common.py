@@ -1,0 +1,23 @@
+"""Small pieces shared by the model files: initialisers and compute-dtype casting."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def dense_init(key: jax.Array, d_in: int, d_out: int) -> jax.Array:
+    """LeCun-normal [d_in, d_out]: unit-variance pre-activations for unit-variance inputs."""
+    return jax.random.normal(key, (d_in, d_out), jnp.float32) / jnp.sqrt(d_in)
+
+
+def orthogonal_init(key: jax.Array, d: int, n_blocks: int = 1) -> jax.Array:
+    """[d, n_blocks * d] of orthogonal blocks, the usual recurrent-matrix start."""
+    blocks = [jax.nn.initializers.orthogonal()(k, (d, d), jnp.float32)
+              for k in jax.random.split(key, n_blocks)]
+    return jnp.concatenate(blocks, axis=1)
+
+
+def cast(params, dtype):
+    """Params in the compute dtype (the dtype of the inputs); states stay float32 elsewhere."""
+    return jax.tree.map(lambda p: p.astype(dtype), params)

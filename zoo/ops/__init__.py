@@ -1,0 +1,5 @@
+"""Recurrence engines: pure jnp, each with a naive ``reference``. Nothing here imports the layers above."""
+
+from zoo.ops import nonlinear
+
+__all__ = ["nonlinear"]
