@@ -1,0 +1,37 @@
+# Two entry points for a fresh machine with Python 3.11: `make demo` and `make test`.
+# Each creates .venv on first use and installs the package with what it needs.
+PYTHON ?= python3
+VENV   := .venv
+PIP    := $(VENV)/bin/pip
+PY     := $(VENV)/bin/python
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed-base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e .
+	touch $@
+
+# torch (the `refs` extra) is the peer reference for the parity tests; it is installed first and
+# pinned so that pip takes the CPU wheel rather than a CUDA build.
+$(VENV)/.installed-test: $(VENV)/.installed-base
+	$(PIP) install --quiet "torch==2.13.0"
+	$(PIP) install --quiet -e ".[test,refs]"
+	touch $@
+
+demo: $(VENV)/.installed-base
+	$(PY) -m zoo.demo
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -n 2 --durations=20 -q
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+
+bench: $(VENV)/.installed-test
+	$(PY) experiments/bench/diagonal.py
+	$(PY) experiments/bench/lstm.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache
