@@ -1,0 +1,490 @@
+"""The diagonal engine: the element-wise linear recurrence ``h_t = a_t ⊙ h_{t-1} + b_t``.
+
+Shapes (letters as in DESIGN.md; ``...`` is any number of feature axes, e.g. [H, N] or [D])::
+
+    a              [B, T, ...]  decay; may instead be [...] (time-invariant, e.g. LRU's λ) or any
+                                shape of b's rank with size-1 axes, broadcast against b
+    b              [B, T, ...]  input
+    initial_state  [B, ...]     float32 (zeros when None)
+    reset          [B, T] bool  True: the state before step t is discarded (replaced by zeros)
+    h              [B, T, ...]  in b's dtype;  final_state [B, ...] float32
+
+Public API::
+
+    h, final_state = apply(a, b, *, initial_state=None, reset=None, reverse=False, mode="auto",
+                           chunk_size=None)
+    h, final_state = apply_log(log_a, b=None, *, log_b=None, initial_state=None, reset=None,
+                               reverse=False, mode="auto")
+    h_new          = step(a_t, b_t, h)                   # one step; a_t, b_t, h are [B, ...]
+    h, final_state = reference(a, b, *, initial_state=None, reset=None, reverse=False)
+
+Modes of ``apply`` (one algorithm each, all equal to ``reference`` in values and gradients):
+
+* ``"sequential"``: one pass over time that reads the batch-major layout in place, with a
+  ``custom_vjp`` whose backward pass is the same recurrence run the other way on the cotangents
+  (``g_t = dh_t + a_{t+1} g_{t+1}``, ``da_t = g_t h_{t-1}``, ``db_t = g_t``), so it stores no
+  per-step residuals beyond ``h`` itself. See ``zoo/ops/diagonal_sequential.py``.
+* ``"associative"``: ``lax.associative_scan`` over time with the pair combine
+  ``(a₁, b₁) ∘ (a₂, b₂) = (a₂ a₁, a₂ b₁ + b₂)``: O(log T) depth, for accelerators.
+* ``"chunked"``: two levels. Inside each chunk of ``chunk_size`` steps an associative scan from a
+  zero state gives the cumulative decay ``A`` and the local state ``H``; a scan over the chunks
+  carries the state across chunk boundaries; then ``h = H + A ⊙ h_in``. Only products of decays
+  appear, never a division by a cumulative decay, so a decay near (or exactly) zero cannot underflow
+  into ``0/0``. T not a multiple of ``chunk_size`` is padded with identity steps (a=1, b=0).
+* ``"auto"``: ``"sequential"`` on CPU, ``"associative"`` on GPU/TPU. On 2 CPU cores at B=8, T=4096,
+  D=256 float32 (``experiments/bench/diagonal.py``) the sequential pass is the fastest mode forward
+  and backward; the parallel forms do O(T log T) or 2-3x the memory traffic and only pay off where
+  there are many more cores than batch x width elements to keep them busy.
+
+``reverse=True`` runs time backwards; ``reset`` keeps its meaning (a flag marks where a segment
+starts), following ``zoo/ops/_time.py``: running backwards, the carry from ``t + 1`` into ``t`` is
+dropped when ``t + 1`` starts a segment.
+
+Complex recurrences (LRU, S5): ``a``, ``b`` and ``initial_state`` may be complex arrays (``h`` is
+returned complex) or ``(real, imag)`` tuples of real arrays (``h`` and ``final_state`` are returned
+as tuples). If any of them is complex, the others are promoted (a real ``a`` is a real decay).
+Internally everything is a real pair, so no kernel ever sees a complex dtype.
+
+Log space (minGRU / minLSTM, "Were RNNs All We Needed?"): ``apply_log`` takes the decay as
+``log_a`` (so a decay within 1e-9 of 1 keeps its precision) and runs
+``log h_t = logaddexp(log a_t + log h_{t-1}, log b_t)``. ``b`` may be signed: it is split as
+``b = b⁺ - b⁻`` (and the state likewise), and the two non-negative parts are scanned side by side
+with the same ``log_a``; ``h = exp(log h⁺) - exp(log h⁻)``. Pass ``log_b`` instead of ``b`` when
+the model already has ``log b`` (b > 0, the paper's form with ``g(h̃) > 0``). Exact zeros
+(``log_a = -inf``, ``b = 0``) give finite values and gradients. Modes: ``"sequential"`` and
+``"associative"`` (the logaddexp combine; ``"auto"`` picks as above). The associative form is used
+instead of the paper's ``logcumsumexp(log b - cumsum(log a))``, which loses all precision once
+``|cumsum(log a)|`` is large (a decay near 0 over a long sequence).
+
+Dtypes: the state and all accumulation are float32 whatever the input dtype (bfloat16 inputs give
+bfloat16 ``h``); only float64 inputs (with x64 enabled) are accumulated in float64, so that tests
+can check the algorithms in float64.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from zoo.ops._time import reset_for_reverse
+
+MODES = ("sequential", "associative", "chunked")
+LOG_MODES = ("sequential", "associative")
+DEFAULT_CHUNK_SIZE = 64
+
+Field = Any  # a real array, or a (real, imag) pair of real arrays of one shape
+
+
+# --------------------------------------------------------------------------------------------
+# Arithmetic on a real array or a (real, imag) pair.
+
+
+def _mul(x: Field, y: Field) -> Field:
+    if isinstance(x, tuple):
+        (xr, xi), (yr, yi) = x, y
+        return (xr * yr - xi * yi, xr * yi + xi * yr)
+    return x * y
+
+
+def _add(x: Field, y: Field) -> Field:
+    return jax.tree.map(jnp.add, x, y)
+
+
+def _map(fn, *xs: Field) -> Field:
+    return jax.tree.map(fn, *xs)
+
+
+def _mask(flag, x):
+    """Broadcast a [B] or [B, T] flag against x's trailing feature axes."""
+    return flag.reshape(flag.shape + (1,) * (x.ndim - flag.ndim))
+
+
+def _drop(flag, x: Field) -> Field:
+    """Zero the entries of x whose flag is set (flag: bool [B] or [B, T])."""
+    return _map(lambda v: jnp.where(_mask(flag, v), jnp.zeros((), v.dtype), v), x)
+
+
+def _combine(earlier, later):
+    """Compose two affine maps h -> a h + b: apply ``earlier`` first, then ``later``."""
+    (a1, b1), (a2, b2) = earlier, later
+    return _mul(a2, a1), _add(_mul(a2, b1), b2)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and normalisation at the public boundary.
+
+
+class _Form(NamedTuple):
+    kind: str            # "real", "complex" or "pair"
+    out_dtype: Any       # dtype of h (real dtype for pairs, complex dtype for complex)
+
+
+def _float_part(who: str, arg: str, x):
+    """x as (value, kind) where value is a real array or a (real, imag) pair of real arrays."""
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"{who}: {arg} given as a tuple must be (real, imag), got {len(x)} items")
+        re, im = (_float_part(who, f"{arg}[{i}]", v)[0] for i, v in enumerate(x))
+        if isinstance(re, tuple) or isinstance(im, tuple):
+            raise ValueError(f"{who}: {arg} = (real, imag) must hold real arrays")
+        if re.shape != im.shape:
+            raise ValueError(f"{who}: {arg} real part has shape {re.shape} but imaginary part {im.shape}")
+        return (re, im), "pair"
+    if not hasattr(x, "dtype"):
+        x = np.asarray(x)
+    dtype = x.dtype
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        x = jnp.asarray(x)
+        return (jnp.real(x), jnp.imag(x)), "complex"
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{who}: {arg} has dtype {dtype} (shape {np.shape(x)}); a float or complex dtype "
+                         f"is needed")
+    return jnp.asarray(x), "real"
+
+
+def _shape(x: Field) -> tuple[int, ...]:
+    return tuple((x[0] if isinstance(x, tuple) else x).shape)
+
+
+def _dtype(x: Field):
+    return (x[0] if isinstance(x, tuple) else x).dtype
+
+
+def _to_pair(x: Field) -> Field:
+    return x if isinstance(x, tuple) else (x, jnp.zeros_like(x))
+
+
+def _astype(x: Field, dtype) -> Field:
+    return _map(lambda v: v.astype(dtype), x)
+
+
+def _accumulation_dtype(dtype):
+    return jnp.promote_types(jnp.float32, dtype)
+
+
+class _Problem(NamedTuple):
+    a: Field          # b's rank; size-1 axes where broadcast; accumulation dtype
+    b: Field          # [B, T, ...], accumulation dtype
+    h0: Field         # [B, ...], accumulation dtype
+    reset: Any        # bool [B, T] or None
+    form: _Form
+
+
+def _check_mode(who: str, mode: str, modes) -> None:
+    if mode != "auto" and mode not in modes:
+        raise ValueError(f"{who}: mode={mode!r} is not supported; choose one of {('auto', *modes)}")
+
+
+def _check_reset(who: str, reset, batch: int, time: int):
+    if reset is None:
+        return None
+    shape = tuple(np.shape(reset))
+    if shape != (batch, time):
+        raise ValueError(f"{who}: reset must have shape [B, T] = {(batch, time)}, got {shape}")
+    dtype = getattr(reset, "dtype", np.asarray(reset).dtype)
+    if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)):
+        raise ValueError(f"{who}: reset must be bool [B, T], got dtype {dtype}")
+    return jnp.asarray(reset).astype(bool)
+
+
+def _check_decay_shape(who: str, arg: str, a_shape, b_shape):
+    """The shape a is reshaped to (b's rank), or ValueError."""
+    feat = b_shape[2:]
+    if len(a_shape) == len(b_shape) - 2 and tuple(a_shape) == tuple(feat):
+        return (1, 1, *feat)                      # time-invariant decay
+    if len(a_shape) == len(b_shape) and all(s in (1, t) for s, t in zip(a_shape, b_shape, strict=True)):
+        return tuple(a_shape)
+    raise ValueError(
+        f"{who}: {arg} has shape {tuple(a_shape)} but b has {tuple(b_shape)}; {arg} must be [B, T, ...] "
+        f"like b (size-1 axes broadcast) or [...] = {tuple(feat)} for a time-invariant decay"
+    )
+
+
+def _prepare(who: str, a, b, initial_state, reset, *, a_name: str = "a") -> _Problem:
+    b, b_kind = _float_part(who, "b", b)
+    a, a_kind = _float_part(who, a_name, a)
+    b_shape = _shape(b)
+    if len(b_shape) < 2:
+        raise ValueError(f"{who}: b must have shape [B, T, ...], got {b_shape}")
+    a_shape = _check_decay_shape(who, a_name, _shape(a), b_shape)
+    a = _map(lambda v: v.reshape(a_shape), a)
+    kinds = [a_kind, b_kind]
+    state_shape = (b_shape[0], *b_shape[2:])
+    if initial_state is not None:
+        initial_state, h_kind = _float_part(who, "initial_state", initial_state)
+        if _shape(initial_state) != state_shape:
+            raise ValueError(f"{who}: initial_state must have shape [B, ...] = {state_shape} to match b "
+                             f"{b_shape}, got {_shape(initial_state)}")
+        kinds.append(h_kind)
+    reset = _check_reset(who, reset, b_shape[0], b_shape[1])
+
+    kind = "pair" if "pair" in kinds else "complex" if "complex" in kinds else "real"
+    real_dtype = _dtype(b)
+    acc = _accumulation_dtype(real_dtype)
+    if kind == "complex":
+        out_dtype = jnp.result_type(real_dtype, jnp.complex64)
+    else:
+        out_dtype = real_dtype
+    if kind != "real":
+        a, b = _to_pair(a), _to_pair(b)
+        if initial_state is not None:
+            initial_state = _to_pair(initial_state)
+    a, b = _astype(a, acc), _astype(b, acc)
+    if initial_state is None:
+        zeros = jnp.zeros(state_shape, acc)
+        initial_state = (zeros, zeros) if kind != "real" else zeros
+    else:
+        initial_state = _astype(initial_state, acc)
+    return _Problem(a, b, initial_state, reset, _Form(kind, out_dtype))
+
+
+def _finish(h: Field, final: Field, form: _Form):
+    """Cast to the caller's form: h in b's dtype, the final state float32 (float64 under x64 inputs)."""
+    if form.kind == "complex":
+        h = (h[0] + 1j * h[1]).astype(form.out_dtype)
+        final = final[0] + 1j * final[1]
+        return h, final
+    return _astype(h, form.out_dtype), final
+
+
+def _check_chunk_size(who: str, chunk_size) -> int:
+    if chunk_size is None:
+        return DEFAULT_CHUNK_SIZE
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
+        raise ValueError(f"{who}: chunk_size must be a positive int, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def _auto_mode() -> str:
+    return "sequential" if jax.default_backend() == "cpu" else "associative"
+
+
+# --------------------------------------------------------------------------------------------
+# Per-step drop flags and the fold of the initial state (shared by the parallel modes).
+
+
+def _drop_flags(reset, reverse: bool):
+    """bool [B, T] or None: True where step t must not see the state carried into it."""
+    if reset is None or not reverse:
+        return reset
+    return jnp.flip(reset_for_reverse(reset), axis=1)
+
+
+def _effective_decay(a: Field, drop, shape) -> Field:
+    """a broadcast to b's full shape, zeroed where the carried state is dropped."""
+    a = _map(lambda v: jnp.broadcast_to(v, shape), a)
+    return a if drop is None else _drop(drop, a)
+
+
+def _fold_initial_state(a_eff: Field, b: Field, h0: Field, reverse: bool) -> Field:
+    """b with the first processed step's a ⊙ h0 added, so the scans can start from zero."""
+    first = -1 if reverse else 0
+    a_first = _map(lambda v: v[:, first], a_eff)
+    return _map(lambda v, c: v.at[:, first].add(c), b, _mul(a_first, h0))
+
+
+def _last_processed(h: Field, reverse: bool) -> Field:
+    return _map(lambda v: v[:, 0] if reverse else v[:, -1], h)
+
+
+# --------------------------------------------------------------------------------------------
+# The modes.
+
+
+def _associative(a_eff: Field, b: Field, reverse: bool, axis: int = 1):
+    return lax.associative_scan(_combine, (a_eff, b), reverse=reverse, axis=axis)
+
+
+def _apply_associative(p: _Problem, reverse: bool):
+    shape = _shape(p.b)
+    a_eff = _effective_decay(p.a, _drop_flags(p.reset, reverse), shape)
+    b = _fold_initial_state(a_eff, p.b, p.h0, reverse)
+    _, h = _associative(a_eff, b, reverse)
+    return h, _last_processed(h, reverse)
+
+
+def _apply_chunked(p: _Problem, reverse: bool, chunk: int):
+    shape = _shape(p.b)
+    batch, time, feat = shape[0], shape[1], shape[2:]
+    a_eff = _effective_decay(p.a, _drop_flags(p.reset, reverse), shape)
+    b = _fold_initial_state(a_eff, p.b, p.h0, reverse)
+    pad = (-time) % chunk
+    if pad:
+        # Identity steps (a = 1, b = 0) leave the state unchanged wherever they are processed.
+        widths = [(0, 0), (0, pad)] + [(0, 0)] * len(feat)
+        one = (1.0, 0.0) if isinstance(a_eff, tuple) else 1.0
+        a_eff = _map(lambda v, c: jnp.pad(v, widths, constant_values=c), a_eff, one)
+        b = _map(lambda v: jnp.pad(v, widths), b)
+    n = (time + pad) // chunk
+    split = lambda v: v.reshape(batch, n, chunk, *feat)            # [B, N, C, ...]
+    a_c, b_c = _map(split, a_eff), _map(split, b)
+
+    # Inside each chunk, from a zero state: cumulative decay A and local state H.
+    a_cum, h_local = _associative(a_c, b_c, reverse, axis=2)
+    edge = 0 if reverse else chunk - 1
+    a_tot = _map(lambda v: jnp.moveaxis(v[:, :, edge], 1, 0), a_cum)  # [N, B, ...]
+    h_tot = _map(lambda v: jnp.moveaxis(v[:, :, edge], 1, 0), h_local)
+
+    def carry_across(h_in, chunk_summary):
+        a_k, h_k = chunk_summary
+        return _add(_mul(a_k, h_in), h_k), h_in
+
+    zeros = _map(lambda v: jnp.zeros((batch, *feat), v.dtype), b)
+    _, h_in = lax.scan(carry_across, zeros, (a_tot, h_tot), reverse=reverse)
+    h_in = _map(lambda v: jnp.moveaxis(v, 0, 1)[:, :, None], h_in)   # [B, N, 1, ...]
+    h = _add(h_local, _mul(a_cum, h_in))
+    h = _map(lambda v: v.reshape(batch, n * chunk, *feat)[:, :time], h)
+    return h, _last_processed(h, reverse)
+
+
+def _apply_sequential(p: _Problem, reverse: bool):
+    from zoo.ops.diagonal_sequential import scan_batch_major
+
+    drop = _drop_flags(p.reset, reverse)
+    return scan_batch_major(p.a, p.b, p.h0, drop, reverse)
+
+
+def apply(a, b, *, initial_state=None, reset=None, reverse: bool = False, mode: str = "auto",
+          chunk_size: int | None = None):
+    """Run ``h_t = a_t ⊙ h_{t-1} + b_t`` over axis 1. Returns ``(h [B, T, ...], final_state [B, ...])``.
+
+    See the module docstring for shapes, modes, complex inputs and dtypes.
+    """
+    who = "diagonal.apply"
+    _check_mode(who, mode, MODES)
+    chunk = _check_chunk_size(who, chunk_size)
+    if chunk_size is not None and mode not in ("chunked", "auto"):
+        raise ValueError(f"{who}: chunk_size={chunk_size} only applies to mode='chunked', got mode={mode!r}")
+    p = _prepare(who, a, b, initial_state, reset)
+    if mode == "auto":
+        mode = "chunked" if chunk_size is not None else _auto_mode()
+    reverse = bool(reverse)
+    if mode == "sequential":
+        h, final = _apply_sequential(p, reverse)
+    elif mode == "associative":
+        h, final = _apply_associative(p, reverse)
+    else:
+        h, final = _apply_chunked(p, reverse, chunk)
+    return _finish(h, final, p.form)
+
+
+def step(a_t, b_t, h):
+    """One step ``h ← a_t ⊙ h + b_t``. ``a_t`` [B, ...] or [...], ``b_t`` and ``h`` [B, ...].
+
+    The argument order follows ``apply(a, b, initial_state=h)``. Returns the new state (float32, or
+    float64 for float64 inputs), which is also the step's output; complex and (real, imag) inputs
+    are returned in the same form as ``apply`` returns ``final_state``.
+    """
+    who = "diagonal.step"
+    b_t, b_kind = _float_part(who, "b_t", b_t)
+    a_t, a_kind = _float_part(who, "a_t", a_t)
+    h, h_kind = _float_part(who, "h", h)
+    shape = _shape(b_t)
+    if len(shape) < 1:
+        raise ValueError(f"{who}: b_t must have shape [B, ...], got {shape}")
+    if _shape(h) != shape:
+        raise ValueError(f"{who}: h has shape {_shape(h)} but b_t has {shape}; both are [B, ...]")
+    if _shape(a_t) != shape and _shape(a_t) != shape[1:]:
+        raise ValueError(f"{who}: a_t has shape {_shape(a_t)} but b_t has {shape}; a_t must be [B, ...] "
+                         f"or [...] = {shape[1:]}")
+    kinds = (a_kind, b_kind, h_kind)
+    kind = "pair" if "pair" in kinds else "complex" if "complex" in kinds else "real"
+    acc = _accumulation_dtype(_dtype(b_t))
+    if kind != "real":
+        a_t, b_t, h = _to_pair(a_t), _to_pair(b_t), _to_pair(h)
+    new = _add(_mul(_astype(a_t, acc), _astype(h, acc)), _astype(b_t, acc))
+    if kind == "complex":
+        return new[0] + 1j * new[1]
+    return new
+
+
+def reference(a, b, *, initial_state=None, reset=None, reverse: bool = False):
+    """A plain Python loop over time: the check for every mode (float64 when the inputs are float64)."""
+    p = _prepare("diagonal.reference", a, b, initial_state, reset)
+    time = _shape(p.b)[1]
+    h = p.h0
+    order = range(time - 1, -1, -1) if reverse else range(time)
+    outputs = [None] * time
+    for t in order:
+        if p.reset is not None:
+            # Forward: a segment starts at t. Backward: the carry from t + 1 ends its segment.
+            if not reverse:
+                h = _drop(p.reset[:, t], h)
+            elif t < time - 1:
+                h = _drop(p.reset[:, t + 1], h)
+        at_t = lambda v, t=t: v[:, 0] if v.shape[1] == 1 else v[:, t]
+        h = _add(_mul(_map(at_t, p.a), h), _map(at_t, p.b))
+        outputs[t] = h
+    hs = _map(lambda *vs: jnp.stack(vs, axis=1), *outputs)
+    return _finish(hs, h, p.form)
+
+
+# --------------------------------------------------------------------------------------------
+# Log space.
+
+
+def _log_parts(x, dtype):
+    """(log x⁺, log x⁻) for signed x: -inf where a part is zero, with finite gradients."""
+    pos, neg = x > 0, x < 0
+    safe = jnp.where(pos | neg, jnp.abs(x), jnp.ones((), x.dtype))
+    log_abs = jnp.log(safe).astype(dtype)
+    minus_inf = jnp.asarray(-jnp.inf, dtype)
+    return jnp.where(pos, log_abs, minus_inf), jnp.where(neg, log_abs, minus_inf)
+
+
+def _log_combine(earlier, later):
+    (la1, lb1), (la2, lb2) = earlier, later
+    return la1 + la2, _map(lambda u, v: jnp.logaddexp(la2 + u, v), lb1, lb2)
+
+
+def apply_log(log_a, b=None, *, log_b=None, initial_state=None, reset=None, reverse: bool = False,
+              mode: str = "auto"):
+    """``h_t = exp(log_a_t) ⊙ h_{t-1} + b_t`` computed in log space. Returns ``(h, final_state)``.
+
+    ``log_a`` [B, T, ...] (or [...], time-invariant) is the log of a decay in [0, 1] (``-inf`` for
+    an exact 0). Give exactly one of ``b`` (signed, linear) or ``log_b`` (``log b`` for b > 0).
+    ``initial_state`` [B, ...] is linear and may be signed. See the module docstring.
+    """
+    who = "diagonal.apply_log"
+    _check_mode(who, mode, LOG_MODES)
+    if (b is None) == (log_b is None):
+        raise ValueError(f"{who}: give exactly one of b (signed, linear) or log_b (log of a positive b)")
+    given = b if log_b is None else log_b
+    p = _prepare(who, log_a, given, initial_state, reset, a_name="log_a")
+    if p.form.kind != "real":
+        raise ValueError(f"{who}: log space is for real recurrences; use apply for complex ones")
+    if mode == "auto":
+        mode = _auto_mode()
+    reverse = bool(reverse)
+    shape = _shape(p.b)
+    drop = _drop_flags(p.reset, reverse)
+    minus_inf = jnp.asarray(-jnp.inf, p.b.dtype)
+    log_a = jnp.broadcast_to(p.a, shape)
+    if drop is not None:
+        log_a = jnp.where(_mask(drop, log_a), minus_inf, log_a)
+    if log_b is None:
+        lb = _log_parts(p.b, p.b.dtype)
+    else:
+        lb = (p.b, jnp.full(shape, minus_inf))
+    lh0 = _log_parts(p.h0, p.h0.dtype)
+
+    if mode == "associative":
+        first = -1 if reverse else 0
+        lb = _map(lambda v, c: v.at[:, first].set(jnp.logaddexp(log_a[:, first] + c, v[:, first])), lb, lh0)
+        _, lh = lax.associative_scan(_log_combine, (log_a, lb), reverse=reverse, axis=1)
+    else:
+        def body(lh_prev, inputs):
+            la_t, lb_t = inputs
+            lh_t = _map(lambda u, v: jnp.logaddexp(la_t + u, v), lh_prev, lb_t)
+            return lh_t, lh_t
+
+        tm = lambda v: jnp.swapaxes(v, 0, 1)
+        _, lh = lax.scan(body, lh0, (tm(log_a), _map(tm, lb)), reverse=reverse)
+        lh = _map(tm, lh)
+    h = jnp.exp(lh[0]) - jnp.exp(lh[1])
+    return h.astype(p.form.out_dtype), _last_processed(h, reverse)
+
