@@ -4,9 +4,23 @@
     params = rec.init(jax.random.key(0), d_in)
     ys, state = rec.apply(params, xs)            # parallel mode, xs [B, T, d_in]
     state, y_t = rec.step(params, state, x_t)    # recurrent mode
+
+Combinators (``zoo.stack``, ``zoo.residual``, ``zoo.bidirectional``) return a ``Recurrence`` too;
+``zoo.nn`` (imported on first use) holds the Flax NNX shells.
 """
 
+from zoo.combinators import bidirectional, residual, stack
 from zoo.contract import Recurrence, make_recurrence
 from zoo.registry import ModelInfo, get, list_models, register
 
-__all__ = ["ModelInfo", "Recurrence", "get", "list_models", "make_recurrence", "register"]
+__all__ = ["ModelInfo", "Recurrence", "bidirectional", "get", "list_models", "make_recurrence", "register",
+           "residual", "stack"]
+
+
+def __getattr__(name):
+    # zoo.nn imports Flax; load it on first use so that the functional core needs no Flax.
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module("zoo.nn")
+    raise AttributeError(f"module 'zoo' has no attribute {name!r}")
