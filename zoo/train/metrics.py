@@ -1,0 +1,85 @@
+"""The metrics log (one JSON object per line) and the PNG of the curves.
+
+A record is ``{"step": s, "loss": …, "accuracy": …}`` for the training batch of update ``s``
+(measured before that update), plus ``eval_loss`` and ``eval_accuracy`` on the steps where the
+held-out split was evaluated (``s`` updates done). A record at step 0 carries only the evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+
+def append_records(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    with open(path, "a") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """Every record in the log; a half-written last line (from a kill mid-write) is dropped."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
+def truncate_records(path: str | os.PathLike, last_step: int) -> list[dict]:
+    """Drop the records after ``last_step`` (written after the checkpoint a run resumes from)."""
+    kept = [r for r in read_records(path) if r["step"] <= last_step]
+    with open(path, "w") as f:
+        for record in kept:
+            f.write(json.dumps(record) + "\n")
+    return kept
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over ``window`` points (shorter at the start), so the curve does not lead the data."""
+    cumulative = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (cumulative[idx] - cumulative[lo]) / (idx - lo)
+
+
+def plot_curves(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
+    """Write a PNG with loss (left) and accuracy (right): raw and smoothed training curves, eval points.
+
+    Uses matplotlib's object API on an Agg canvas, so it changes no global backend and needs no display.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    fig = Figure(figsize=(10, 4), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for ax, key, label in ((axes[0], "loss", "cross-entropy"), (axes[1], "accuracy", "accuracy")):
+        if train:
+            steps = np.array([r["step"] for r in train])
+            values = np.array([r[key] for r in train], dtype=float)
+            window = max(1, len(values) // 50)
+            ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8)
+            ax.plot(steps, _smooth(values, window), color="tab:blue", linewidth=1.6,
+                    label=f"train (mean of {window})" if window > 1 else "train")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r[f"eval_{key}"] for r in evals], "o-",
+                    color="tab:orange", markersize=3.5, linewidth=1.2, label="held-out")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    axes[1].set_ylim(-0.02, 1.02)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path)
