@@ -170,7 +170,9 @@ def train(
 
     if plot_path is not None:
         history = metrics.read_records(metrics_path) if metrics_path is not None else records
-        metrics.plot_curves(history, plot_path, title=f"{description}: {getattr(task, 'name', '')}")
+        n_classes = getattr(task, "n_classes", None)
+        metrics.plot_curves(history, plot_path, title=f"{description}: {getattr(task, 'name', '')}",
+                            chance=1 / n_classes if n_classes else None)
     return TrainResult(
         start_step=start,
         records=records,

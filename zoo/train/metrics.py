@@ -51,8 +51,11 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return (cumulative[idx] - cumulative[lo]) / (idx - lo)
 
 
-def plot_curves(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
+def plot_curves(records: Sequence[dict], path: str | os.PathLike, title: str = "",
+                chance: float | None = None) -> None:
     """Write a PNG with loss (left) and accuracy (right): raw and smoothed training curves, eval points.
+
+    ``chance``, if given, is drawn as a dashed line on the accuracy panel (e.g. 0.5 for two classes).
 
     Uses matplotlib's object API on an Agg canvas, so it changes no global backend and needs no display.
     """
@@ -79,6 +82,9 @@ def plot_curves(records: Sequence[dict], path: str | os.PathLike, title: str = "
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
+    if chance is not None:
+        axes[1].axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
+        axes[1].legend(loc="best")
     axes[1].set_ylim(-0.02, 1.02)
     if title:
         fig.suptitle(title)
