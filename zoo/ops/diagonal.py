@@ -50,8 +50,10 @@ Log space (minGRU / minLSTM, "Were RNNs All We Needed?"): ``apply_log`` takes th
 ``log h_t = logaddexp(log a_t + log h_{t-1}, log b_t)``. ``b`` may be signed: it is split as
 ``b = b⁺ - b⁻`` (and the state likewise), and the two non-negative parts are scanned side by side
 with the same ``log_a``; ``h = exp(log h⁺) - exp(log h⁻)``. Pass ``log_b`` instead of ``b`` when
-the model already has ``log b`` (b > 0, the paper's form with ``g(h̃) > 0``). Exact zeros
-(``log_a = -inf``, ``b = 0``) give finite values and gradients. Modes: ``"sequential"`` and
+the model already has ``log b`` (b > 0, the paper's form with ``g(h̃) > 0``). Its gradient is
+a ``custom_vjp`` whose backward pass is the same log-space scan run the other way on the (signed)
+cotangents, so exact zeros (``log_a = -inf``, ``b = 0``, a zero part of the state) give finite
+values and the right gradients, never ``0 · inf``. Modes: ``"sequential"`` and
 ``"associative"`` (the logaddexp combine; ``"auto"`` picks as above). The associative form is used
 instead of the paper's ``logcumsumexp(log b - cumsum(log a))``, which loses all precision once
 ``|cumsum(log a)|`` is large (a decay near 0 over a long sequence).
@@ -63,6 +65,7 @@ can check the algorithms in float64.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -427,18 +430,76 @@ def reference(a, b, *, initial_state=None, reset=None, reverse: bool = False):
 # Log space.
 
 
-def _log_parts(x, dtype):
-    """(log x⁺, log x⁻) for signed x: -inf where a part is zero, with finite gradients."""
+def _log_parts(x):
+    """(log x⁺, log x⁻) for signed x, with -inf where a part is zero."""
     pos, neg = x > 0, x < 0
-    safe = jnp.where(pos | neg, jnp.abs(x), jnp.ones((), x.dtype))
-    log_abs = jnp.log(safe).astype(dtype)
-    minus_inf = jnp.asarray(-jnp.inf, dtype)
+    log_abs = jnp.log(jnp.where(pos | neg, jnp.abs(x), jnp.ones((), x.dtype)))
+    minus_inf = jnp.asarray(-jnp.inf, x.dtype)
     return jnp.where(pos, log_abs, minus_inf), jnp.where(neg, log_abs, minus_inf)
 
 
 def _log_combine(earlier, later):
     (la1, lb1), (la2, lb2) = earlier, later
     return la1 + la2, _map(lambda u, v: jnp.logaddexp(la2 + u, v), lb1, lb2)
+
+
+def _shift_from_previous(x, x0, reverse: bool):
+    """[B, T, ...] whose step t holds x at the step processed before t (x0 for the first)."""
+    x0 = x0[:, None]
+    return jnp.concatenate([x[:, 1:], x0] if reverse else [x0, x[:, :-1]], axis=1)
+
+
+def _log_forward(log_a, b, h0, reverse: bool, mode: str, b_is_log: bool):
+    """Linear ``h`` from a log-space scan of the two signed parts. log_a is b's full shape."""
+    minus_inf = jnp.full(b.shape, -jnp.inf, b.dtype)
+    lb = (b, minus_inf) if b_is_log else _log_parts(b)
+    lh0 = _log_parts(h0)
+    if mode == "associative":
+        first = -1 if reverse else 0
+        fold = lambda v, c: v.at[:, first].set(jnp.logaddexp(log_a[:, first] + c, v[:, first]))
+        _, lh = lax.associative_scan(_log_combine, (log_a, _map(fold, lb, lh0)), reverse=reverse, axis=1)
+    else:
+        def body(lh_prev, inputs):
+            la_t, lb_t = inputs
+            lh_t = _map(lambda u, v: jnp.logaddexp(la_t + u, v), lh_prev, lb_t)
+            return lh_t, lh_t
+
+        tm = lambda v: jnp.swapaxes(v, 0, 1)
+        _, lh = lax.scan(body, lh0, (tm(log_a), _map(tm, lb)), reverse=reverse)
+        lh = _map(tm, lh)
+    h = jnp.exp(lh[0]) - jnp.exp(lh[1])
+    return h, _last_processed(h, reverse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _log_recurrence(log_a, b, h0, reverse, mode, b_is_log):
+    return _log_forward(log_a, b, h0, reverse, mode, b_is_log)
+
+
+def _log_recurrence_fwd(log_a, b, h0, reverse, mode, b_is_log):
+    h, final = _log_forward(log_a, b, h0, reverse, mode, b_is_log)
+    return (h, final), (log_a, b, h0, h)
+
+
+def _log_recurrence_bwd(reverse, mode, b_is_log, residuals, cotangents):
+    # Differentiating through logaddexp and log would give 0·inf at exact zeros (a part of b or
+    # of the state that is 0, a decay of 0). Instead, the adjoint g_t = dh_t + a_next g_next is the
+    # same signed recurrence run the other way, computed by the same log-space scan.
+    log_a, b, h0, h = residuals
+    dh, d_final = cotangents
+    last = 0 if reverse else -1
+    dh = dh.at[:, last].add(d_final)
+    minus_inf = jnp.full(h0.shape, -jnp.inf, log_a.dtype)
+    log_a_next = _shift_from_previous(log_a, minus_inf, not reverse)
+    g, _ = _log_forward(log_a_next, dh, jnp.zeros_like(h0), not reverse, mode, False)
+    a = jnp.exp(log_a)
+    d_log_a = a * _shift_from_previous(h, h0, reverse) * g
+    d_b = jnp.exp(b) * g if b_is_log else g
+    first = -1 if reverse else 0
+    return d_log_a, d_b, a[:, first] * g[:, first]
+
+
+_log_recurrence.defvjp(_log_recurrence_fwd, _log_recurrence_bwd)
 
 
 def apply_log(log_a, b=None, *, log_b=None, initial_state=None, reset=None, reverse: bool = False,
@@ -460,31 +521,9 @@ def apply_log(log_a, b=None, *, log_b=None, initial_state=None, reset=None, reve
     if mode == "auto":
         mode = _auto_mode()
     reverse = bool(reverse)
-    shape = _shape(p.b)
+    log_a = jnp.broadcast_to(p.a, _shape(p.b))
     drop = _drop_flags(p.reset, reverse)
-    minus_inf = jnp.asarray(-jnp.inf, p.b.dtype)
-    log_a = jnp.broadcast_to(p.a, shape)
     if drop is not None:
-        log_a = jnp.where(_mask(drop, log_a), minus_inf, log_a)
-    if log_b is None:
-        lb = _log_parts(p.b, p.b.dtype)
-    else:
-        lb = (p.b, jnp.full(shape, minus_inf))
-    lh0 = _log_parts(p.h0, p.h0.dtype)
-
-    if mode == "associative":
-        first = -1 if reverse else 0
-        lb = _map(lambda v, c: v.at[:, first].set(jnp.logaddexp(log_a[:, first] + c, v[:, first])), lb, lh0)
-        _, lh = lax.associative_scan(_log_combine, (log_a, lb), reverse=reverse, axis=1)
-    else:
-        def body(lh_prev, inputs):
-            la_t, lb_t = inputs
-            lh_t = _map(lambda u, v: jnp.logaddexp(la_t + u, v), lh_prev, lb_t)
-            return lh_t, lh_t
-
-        tm = lambda v: jnp.swapaxes(v, 0, 1)
-        _, lh = lax.scan(body, lh0, (tm(log_a), _map(tm, lb)), reverse=reverse)
-        lh = _map(tm, lh)
-    h = jnp.exp(lh[0]) - jnp.exp(lh[1])
-    return h.astype(p.form.out_dtype), _last_processed(h, reverse)
-
+        log_a = jnp.where(_mask(drop, log_a), jnp.asarray(-jnp.inf, log_a.dtype), log_a)
+    h, final = _log_recurrence(log_a, p.b, p.h0, reverse, mode, log_b is not None)
+    return h.astype(p.form.out_dtype), final
