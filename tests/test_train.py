@@ -165,3 +165,14 @@ def test_metrics_jsonl_and_png_are_written(tmp_path):
     assert records == result.records
     png = (tmp_path / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_demo_trains_a_sequence_model_and_writes_its_files(tmp_path, capsys):
+    from zoo.demo import main
+
+    final = main(["--model", "elman", "--steps", "6", "--eval-every", "3", "--d-model", "8", "--layers", "1",
+                  "--length", "8", "--batch-size", "4", "--out", str(tmp_path), "--no-progress"])
+    assert set(final) == {"eval_loss", "eval_accuracy", "train_loss", "train_accuracy"}
+    assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl")] == list(range(7))
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "curves.png" in capsys.readouterr().out
