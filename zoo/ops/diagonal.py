@@ -188,7 +188,7 @@ def _check_reset(who: str, reset, batch: int, time: int):
     shape = tuple(np.shape(reset))
     if shape != (batch, time):
         raise ValueError(f"{who}: reset must have shape [B, T] = {(batch, time)}, got {shape}")
-    dtype = getattr(reset, "dtype", np.asarray(reset).dtype)
+    dtype = reset.dtype if hasattr(reset, "dtype") else np.asarray(reset).dtype
     if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)):
         raise ValueError(f"{who}: reset must be bool [B, T], got dtype {dtype}")
     return jnp.asarray(reset).astype(bool)
