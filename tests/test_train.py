@@ -144,11 +144,13 @@ def test_resume_after_a_kill_gives_exactly_the_uninterrupted_params_and_losses(t
 
 def test_a_finished_run_resumes_to_nothing_new(tmp_path):
     model, optimizer = build()
-    train(model, optimizer, TASK, steps=6, eval_every=3, checkpoint_dir=tmp_path / "c", progress=False)
+    first = train(model, optimizer, TASK, steps=6, eval_every=3, checkpoint_dir=tmp_path / "c",
+                  metrics_path=tmp_path / "m.jsonl", progress=False)
     again_model, again_opt = build(seed=2)
     result = train(again_model, again_opt, TASK, steps=6, eval_every=3, checkpoint_dir=tmp_path / "c",
-                   progress=False)
-    assert result.start_step == 6 and result.losses == []
+                   metrics_path=tmp_path / "m.jsonl", progress=False)
+    assert result.start_step == 6 and result.losses == [] and result.final == first.final
+    assert read_records(tmp_path / "m.jsonl") == first.records
     for got, want in zip(params_of(again_model), params_of(model), strict=True):
         np.testing.assert_array_equal(got, want)
 

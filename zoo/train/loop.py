@@ -146,9 +146,11 @@ def train(
         bar.update(sum(1 for r in new if "loss" in r))
 
     try:
-        if start == 0 or start == steps:
-            final = evals[start] = evaluate(eval_step, task, eval_batches)
+        if start == 0:
+            final = evals[0] = evaluate(eval_step, task, eval_batches)
             flush()
+        elif start == steps:    # resumed a finished run: report the restored model, log nothing new
+            final = evaluate(eval_step, task, eval_batches)
         for k in range(start, steps):
             pending.append((k + 1, train_step(task.batch(k))))
             done = k + 1
