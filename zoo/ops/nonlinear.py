@@ -1,16 +1,30 @@
 """The nonlinear engine: any cell ``h_t, y_t = f(params, h_{t-1}, x_t)`` run over time.
 
 The state enters a nonlinearity, so the only exact parallel form is an iterative solve (a later
-``mode="newton"``); ``mode="sequential"`` is ``lax.scan`` over time-major inputs.
+``mode="newton"``); ``mode="sequential"`` is a loop over time.
 
 Shapes: ``xs`` is a pytree whose leaves are [B, T, ...]; the cell sees [B, ...] slices and the
 state ``h`` is a pytree of float32 arrays with leading axis B. ``reset[b, t] = True`` replaces the
 state before step ``t`` by ``reset_state`` (zeros unless given), in every mode and direction.
+
+Two kinds of cell:
+
+* any callable ``cell(params, h, x_t) -> (h_new, y_t)``: run by ``lax.scan`` over time-major
+  inputs, differentiated by JAX's own scan transpose;
+* a ``SplitCell``, whose state enters through one matrix product followed by a pointwise map
+  (LSTM, GRU with the reset gate after the product, Elman). It runs on the batch-major arrays
+  without transposing them, and has a hand-written backward pass (``jax.custom_vjp``): the reverse
+  loop carries only the state cotangent and produces the pre-activation cotangents ``dpre``
+  [B, T, G]; the gradients of the input projection, of the inputs and of the recurrent matrix are
+  then a few large matrix products over all B·T rows at once, instead of T small accumulations
+  inside the loop. The forward pass saves only ``pre`` and the state entering each step.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +35,45 @@ from zoo.ops._time import reset_for_reverse
 Cell = Callable[[Any, Any, Any], tuple[Any, Any]]
 
 MODES = ("sequential",)
+
+
+class SplitCell(NamedTuple):
+    """A cell split into its linear and pointwise parts::
+
+        pre_t      = project(params, x_t) + read(h_{t-1}) @ recurrent_weight(params)     # [B, G]
+        h_t, y_t   = pointwise(params, pre_t, h_{t-1})
+
+    * ``project(params, x)``: affine in ``x``; maps any leading axes ([B, ...] -> [B, G] and
+      [B, T, ...] -> [B, T, G]) and returns the compute dtype (the input dtype).
+    * ``recurrent_weight(params)``: the [R, G] matrix (cast to the compute dtype by the engine).
+    * ``read(h)``: the [B, R] part of the state that the matrix sees; linear in ``h`` and mapping
+      leading axes (for example ``h["h"]``).
+    * ``pointwise(params, pre, h)``: everything else, elementwise per row (gates, peepholes, biases
+      that sit after the product).
+    * ``separate=True`` hands ``pointwise`` the pair ``(project(...), read(h) @ W)`` instead of their
+      sum, for cells that gate the recurrent part alone (GRU with the reset gate after the product).
+
+    The instance is itself a plain cell (``__call__``), so ``step`` and ``reference`` use it as is.
+    """
+
+    project: Callable[[Any, Any], jax.Array]
+    recurrent_weight: Callable[[Any], jax.Array]
+    read: Callable[[Any], jax.Array]
+    pointwise: Callable[[Any, Any, Any], tuple[Any, Any]]
+    separate: bool = False
+
+    def preactivation(self, params, h, x_t):
+        pre_x = self.project(params, x_t)
+        w = self.recurrent_weight(params).astype(pre_x.dtype)
+        pre_h = self.read(h).astype(pre_x.dtype) @ w
+        return (pre_x, pre_h) if self.separate else pre_x + pre_h
+
+    def parts(self, dpre):
+        """The cotangents of (project, read @ W) from the cotangent of ``pre``."""
+        return dpre if self.separate else (dpre, dpre)
+
+    def __call__(self, params, h, x_t):
+        return self.pointwise(params, self.preactivation(params, h, x_t), h)
 
 
 def _select_state(flag_b, fresh, h):
@@ -49,6 +102,16 @@ def apply(cell: Cell, params, xs, *, initial_state, reset=None, reverse: bool = 
         raise ValueError(f"nonlinear.apply: mode={mode!r}; choose one of {('auto', *MODES)}")
     h0 = _to_float32(initial_state)
     fresh = jax.tree.map(jnp.zeros_like, h0) if reset_state is None else _to_float32(reset_state)
+    if isinstance(cell, SplitCell):
+        # The flag used at step t, in the original time order (see zoo/ops/_time.py for reverse).
+        flags = None
+        if reset is not None:
+            flags = jnp.flip(reset_for_reverse(reset), 1) if reverse else reset
+        return _split_scan(cell, bool(reverse), int(unroll), params, xs, h0, fresh, flags)
+    return _generic_scan(cell, params, xs, h0, fresh, reset, reverse, unroll)
+
+
+def _generic_scan(cell, params, xs, h0, fresh, reset, reverse, unroll):
     xs_tm = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), xs)      # [T, B, ...]
     if reverse:
         xs_tm = jax.tree.map(lambda x: jnp.flip(x, 0), xs_tm)
@@ -67,6 +130,110 @@ def apply(cell: Cell, params, xs, *, initial_state, reset=None, reverse: bool = 
     return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1), ys_tm), final
 
 
+# --------------------------------------------------------------------------------------------
+# SplitCell: batch-major loop with a structured backward pass.
+
+
+def _at(tree, t):
+    """The [B, ...] slice at time ``t`` of every [B, T, ...] leaf (a strided read, no transpose)."""
+    return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, t, 1, keepdims=False), tree)
+
+
+def _put(buffers, t, values):
+    return jax.tree.map(
+        lambda buf, v: lax.dynamic_update_index_in_dim(buf, v.astype(buf.dtype), t, 1), buffers, values)
+
+
+def _buffers(like, time):
+    """Zero [B, T, ...] buffers for per-step values shaped like ``like`` ([B, ...])."""
+    return jax.tree.map(lambda s: jnp.zeros((s.shape[0], time) + s.shape[1:], s.dtype), like)
+
+
+def _split_forward(cell, reverse, unroll, params, xs, h0, fresh, flags, save):
+    """The time loop. With ``save`` it also returns ``pre`` [B, T, G] and the state entering each step."""
+    time = jax.tree.leaves(xs)[0].shape[1]
+    x_0 = _at(xs, 0)
+    pre_like, (_, y_like) = jax.eval_shape(
+        lambda: (cell.preactivation(params, h0, x_0), cell(params, h0, x_0)))
+    bufs = {"ys": _buffers(y_like, time)}
+    if save:
+        bufs["pre"] = _buffers(pre_like, time)
+        bufs["h_in"] = _buffers(h0, time)
+
+    def body(carry, t):
+        h, bufs = carry
+        if flags is not None:
+            h = _select_state(lax.dynamic_index_in_dim(flags, t, 1, keepdims=False), fresh, h)
+        pre = cell.preactivation(params, h, _at(xs, t))
+        h_new, y = cell.pointwise(params, pre, h)
+        new = {"ys": y}
+        if save:
+            new.update(pre=pre, h_in=h)
+        return (_to_float32(h_new), _put(bufs, t, new)), None
+
+    (final, bufs), _ = lax.scan(body, (h0, bufs), jnp.arange(time), reverse=reverse, unroll=unroll)
+    return bufs["ys"], final, bufs
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _split_scan(cell, reverse, unroll, params, xs, h0, fresh, flags):
+    ys, final, _ = _split_forward(cell, reverse, unroll, params, xs, h0, fresh, flags, save=False)
+    return ys, final
+
+
+def _split_scan_fwd(cell, reverse, unroll, params, xs, h0, fresh, flags):
+    ys, final, bufs = _split_forward(cell, reverse, unroll, params, xs, h0, fresh, flags, save=True)
+    return (ys, final), (params, xs, fresh, flags, bufs["pre"], bufs["h_in"])
+
+
+def _split_scan_bwd(cell, reverse, unroll, residuals, cotangents):
+    params, xs, fresh, flags, pre_all, h_in_all = residuals
+    dys, d_final = cotangents
+    time = jax.tree.leaves(pre_all)[0].shape[1]
+    w_rec = cell.recurrent_weight(params).astype(jax.tree.leaves(pre_all)[0].dtype)
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+
+    def body(carry, t):
+        dh, d_fresh, d_pointwise, dpre_all = carry
+        pre, h_in = _at(pre_all, t), _at(h_in_all, t)
+        outs, pointwise_vjp = jax.vjp(cell.pointwise, params, pre, h_in)
+        dp, dpre, dh_in = pointwise_vjp(_cast_like((dh, _at(dys, t)), outs))
+        rows, read_vjp = jax.vjp(cell.read, h_in)
+        (dh_read,) = read_vjp((cell.parts(dpre)[1] @ w_rec.T).astype(rows.dtype))
+        dh_in = jax.tree.map(lambda a, b: a.astype(jnp.float32) + b.astype(jnp.float32), dh_in, dh_read)
+        if flags is not None:
+            flag = lax.dynamic_index_in_dim(flags, t, 1, keepdims=False)
+            d_fresh = jax.tree.map(jnp.add, d_fresh, _select_state(flag, dh_in, zeros(dh_in)))
+            dh_in = _select_state(flag, zeros(dh_in), dh_in)
+        d_pointwise = jax.tree.map(jnp.add, d_pointwise, dp)
+        return (dh_in, d_fresh, d_pointwise, _put(dpre_all, t, dpre)), None
+
+    d_final = _to_float32(d_final)
+    carry0 = (d_final, zeros(d_final), zeros(params), zeros(pre_all))
+    (dh0, d_fresh, d_params, dpre_all), _ = lax.scan(
+        body, carry0, jnp.arange(time), reverse=not reverse, unroll=unroll)
+
+    # The weight and input gradients, each one product over all B·T rows.
+    dpre_x_all, dpre_h_all = cell.parts(dpre_all)
+    rows = cell.read(h_in_all).astype(dpre_h_all.dtype)                       # [B, T, R]
+    dw_rec = jnp.einsum("btr,btg->rg", rows, dpre_h_all, preferred_element_type=jnp.float32)
+    _, weight_vjp = jax.vjp(cell.recurrent_weight, params)
+    _, project_vjp = jax.vjp(cell.project, params, xs)
+    (dp_weight,) = weight_vjp(dw_rec.astype(jax.eval_shape(cell.recurrent_weight, params).dtype))
+    dp_project, dxs = project_vjp(dpre_x_all)
+    d_params = jax.tree.map(lambda *g: sum(g[1:], g[0].astype(jnp.float32)).astype(g[0].dtype),
+                            d_params, dp_weight, dp_project)
+    return d_params, dxs, dh0, d_fresh, None
+
+
+_split_scan.defvjp(_split_scan_fwd, _split_scan_bwd)
+
+
+def _cast_like(tree, like):
+    return jax.tree.map(lambda a, b: a.astype(b.dtype), tree, like)
+
+
+
 def reference(cell: Cell, params, xs, *, initial_state, reset=None, reverse: bool = False,
               reset_state=None):
     """A plain Python loop over time: the independent check for every mode."""
@@ -81,6 +248,7 @@ def reference(cell: Cell, params, xs, *, initial_state, reset=None, reverse: boo
             flag = reset[:, t + 1] if reverse else reset[:, t]
             if not (reverse and t == time - 1):
                 h = _select_state(flag, fresh, h)
-        h, outputs[t] = step(cell, params, h, jax.tree.map(lambda x: x[:, t], xs))
+        x_t = jax.tree.map(lambda x, t=t: x[:, t], xs)
+        h, outputs[t] = step(cell, params, h, x_t)
     ys = jax.tree.map(lambda *ys_t: jnp.stack(ys_t, axis=1), *outputs)
     return ys, h

@@ -1,0 +1,115 @@
+"""GRU: the gated recurrent unit.
+
+Papers: K. Cho, B. van Merriënboer, C. Gulcehre, D. Bahdanau, F. Bougares, H. Schwenk and Y. Bengio,
+"Learning Phrase Representations using RNN Encoder-Decoder for Statistical Machine Translation"
+(2014), which introduces the unit; J. Chung, C. Gulcehre, K. Cho and Y. Bengio, "Empirical Evaluation
+of Gated Recurrent Neural Networks on Sequence Modeling" (2014)::
+
+    r_t = σ(W_r x_t + U_r h_{t-1} + b_r)                  reset gate
+    z_t = σ(W_z x_t + U_z h_{t-1} + b_z)                  update gate
+    n_t = tanh(W_n x_t + U_n (r_t ⊙ h_{t-1}) + b_n)       candidate     (reset_after=False, Cho)
+    n_t = tanh(W_n x_t + b_n + r_t ⊙ (U_n h_{t-1} + b'_n))               (reset_after=True)
+    h_t = (1 - z_t) ⊙ n_t + z_t ⊙ h_{t-1},   y_t = h_t
+
+``reset_after=False`` is the paper's unit: the reset gate scales the state before the product, so
+each step needs two dependent matrix products. ``reset_after=True`` is the cuDNN / torch.nn.GRU /
+flax GRUCell / Keras v2 layout: the reset gate scales the product, so a step has a single fused
+[h] @ U product and runs on the engine's faster structured path.
+
+Parameters (D = d_model, D_in = input width), gate blocks of width D in the order **(r, z, n)**:
+
+* ``w_in`` [D_in, 3D], ``w_rec`` [D, 3D]: for torch.nn.GRU, ``w_in = weight_ih_l0.T`` and
+  ``w_rec = weight_hh_l0.T``.
+* ``reset_after=False``: ``bias`` [3D].
+* ``reset_after=True``: ``bias_in`` [3D] (torch ``bias_ih_l0``) and ``bias_rec`` [3D] (torch
+  ``bias_hh_l0``); only the n block of ``bias_rec`` is not redundant with ``bias_in``.
+
+State: ``h`` [B, D], float32.
+
+Changes from the paper: none in the equations (h_t = (1 - z) n + z h_{t-1} as in Cho et al. and
+torch; some libraries swap z and 1 - z). Initialisation: LeCun-normal inputs, orthogonal recurrent
+blocks, zero biases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from zoo.contract import make_recurrence
+from zoo.models._common import cast, dense_init, orthogonal_init
+from zoo.ops import nonlinear
+from zoo.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class GRUConfig:
+    d_model: int = 32
+    reset_after: bool = False
+
+    def __post_init__(self):
+        if self.d_model <= 0:
+            raise ValueError(f"gru: d_model must be positive, got {self.d_model}")
+
+
+@register("gru", config=GRUConfig,
+          paper="Learning Phrase Representations using RNN Encoder-Decoder for Statistical Machine "
+                "Translation", engine="nonlinear", modes=nonlinear.MODES, state_size=lambda c: c.d_model)
+def build(config: GRUConfig):
+    d = config.d_model
+
+    def init(key, d_in):
+        k_in, k_rec = jax.random.split(key)
+        params = {"w_in": dense_init(k_in, d_in, 3 * d), "w_rec": orthogonal_init(k_rec, d, 3)}
+        if config.reset_after:
+            params.update(bias_in=jnp.zeros((3 * d,)), bias_rec=jnp.zeros((3 * d,)))
+        else:
+            params["bias"] = jnp.zeros((3 * d,))
+        return params
+
+    def mix(z, n, h):
+        """(1 - z) n + z h in float32: the state is the running memory."""
+        z = z.astype(jnp.float32)
+        h_new = (1 - z) * n.astype(jnp.float32) + z * h
+        return h_new, h_new.astype(n.dtype)
+
+    def cho_cell(params, h, x_t):
+        p = cast(params, x_t.dtype)
+        h_lo = h.astype(x_t.dtype)
+        pre_x = x_t @ p["w_in"] + p["bias"]
+        rz = jax.nn.sigmoid(pre_x[..., :2 * d] + h_lo @ p["w_rec"][:, :2 * d])
+        r, z = rz[..., :d], rz[..., d:]
+        n = jnp.tanh(pre_x[..., 2 * d:] + (r * h_lo) @ p["w_rec"][:, 2 * d:])
+        return mix(z, n, h)
+
+    def project(params, x):
+        return x @ params["w_in"].astype(x.dtype) + params["bias_in"].astype(x.dtype)
+
+    def pointwise(params, pre, h):
+        pre_x, pre_h = pre
+        pre_h = pre_h + params["bias_rec"].astype(pre_h.dtype)
+        rz = jax.nn.sigmoid(pre_x[..., :2 * d] + pre_h[..., :2 * d])
+        r, z = rz[..., :d], rz[..., d:]
+        n = jnp.tanh(pre_x[..., 2 * d:] + r * pre_h[..., 2 * d:])
+        return mix(z, n, h)
+
+    if config.reset_after:
+        cell = nonlinear.SplitCell(project=project, recurrent_weight=lambda p: p["w_rec"],
+                                   read=lambda h: h, pointwise=pointwise, separate=True)
+    else:
+        cell = cho_cell
+
+    def initial_state(params, batch):
+        return jnp.zeros((batch, d), jnp.float32)
+
+    def step(params, h, x_t):
+        return nonlinear.step(cell, params, h, x_t)
+
+    def apply(params, xs, h, reset, mode, reverse):
+        return nonlinear.apply(cell, params, xs, initial_state=h, reset=reset, reverse=reverse, mode=mode)
+
+    return make_recurrence("gru", init=init, initial_state=initial_state, step=step, apply=apply,
+                           input_width=lambda p: p["w_in"].shape[0], modes=nonlinear.MODES,
+                           default_d_in=d)
