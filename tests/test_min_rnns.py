@@ -98,9 +98,6 @@ def test_log_modes_stay_exact_when_gates_saturate(name):
         np.testing.assert_allclose(h, want_h, rtol=1e-5, atol=1e-4, err_msg=mode)
 
 
-@pytest.mark.xfail(reason="zoo.ops.diagonal.apply_log: d/d(log_a) is NaN wherever both logaddexp arguments "
-                          "are -inf (the empty b⁻ part when b > 0); an engine fix, not a model one",
-                   strict=False)
 @pytest.mark.parametrize("name", MODELS)
 def test_log_mode_gradients_equal_linear_mode_gradients(name):
     rec = zoo.get(name, d_model=D)
