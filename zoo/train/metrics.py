@@ -67,24 +67,30 @@ def plot_curves(records: Sequence[dict], path: str | os.PathLike, title: str = "
     fig = Figure(figsize=(10, 4), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
-    for ax, key, label in ((axes[0], "loss", "cross-entropy"), (axes[1], "accuracy", "accuracy")):
+    # Cross-entropy on a log scale: it falls by orders of magnitude once a task is solved, and a
+    # linear axis would flatten everything after the first drop (and let one spike set the scale).
+    panels = ((axes[0], "loss", "cross-entropy (log scale)", "upper right"),
+              (axes[1], "accuracy", "accuracy", "lower right"))
+    for ax, key, label, legend_at in panels:
+        floor = 1e-7 if key == "loss" else -np.inf
         if train:
             steps = np.array([r["step"] for r in train])
-            values = np.array([r[key] for r in train], dtype=float)
+            values = np.maximum(np.array([r[key] for r in train], dtype=float), floor)
             window = max(1, len(values) // 50)
             ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8)
             ax.plot(steps, _smooth(values, window), color="tab:blue", linewidth=1.6,
                     label=f"train (mean of {window})" if window > 1 else "train")
         if evals:
-            ax.plot([r["step"] for r in evals], [r[f"eval_{key}"] for r in evals], "o-",
+            ax.plot([r["step"] for r in evals], [max(r[f"eval_{key}"], floor) for r in evals], "o-",
                     color="tab:orange", markersize=3.5, linewidth=1.2, label="held-out")
+        if key == "loss":
+            ax.set_yscale("log")
+        elif chance is not None:
+            ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
         ax.set_xlabel("step")
         ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best")
-    if chance is not None:
-        axes[1].axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
-        axes[1].legend(loc="best")
+        ax.grid(alpha=0.3, which="both" if key == "accuracy" else "major")
+        ax.legend(loc=legend_at)
     axes[1].set_ylim(-0.02, 1.02)
     if title:
         fig.suptitle(title)
