@@ -178,3 +178,11 @@ def test_demo_trains_a_sequence_model_and_writes_its_files(tmp_path, capsys):
     assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl")] == list(range(7))
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "curves.png" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_defaults_solve_running_parity_on_held_out_data(tmp_path):
+    from zoo.demo import main
+
+    final = main(["--out", str(tmp_path), "--no-progress"])
+    assert final["eval_accuracy"] > 0.99, final
