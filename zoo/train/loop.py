@@ -99,6 +99,8 @@ def train(
     ``eval_every``) and at the end, so a kill loses at most one interval. Records after the
     restored step are dropped from ``metrics_path`` (they were written after that checkpoint).
     The held-out split is evaluated at step 0, every ``eval_every`` updates and at the end.
+    Metrics are fetched from the device every ``log_every`` updates, which also bounds how far
+    asynchronous dispatch runs ahead (keep it near 10 on multi-device CPU meshes: ENV-NOTES §4).
     """
     if steps < 0 or eval_every <= 0 or log_every <= 0 or eval_batches <= 0:
         raise ValueError(
