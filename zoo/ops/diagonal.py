@@ -74,6 +74,7 @@ import numpy as np
 from jax import lax
 
 from zoo.ops._time import reset_for_reverse
+from zoo.ops.diagonal_sequential import scan_batch_major
 
 MODES = ("sequential", "associative", "chunked")
 LOG_MODES = ("sequential", "associative")
@@ -295,26 +296,30 @@ def _last_processed(h: Field, reverse: bool) -> Field:
 
 
 # --------------------------------------------------------------------------------------------
-# The modes.
+# The parallel modes. Both take the decay already broadcast to b's shape and zeroed where the carried
+# state is dropped, so their only difference is how the scan over time is organised.
+
+
+def _shift_from_previous(x: Field, x0: Field, reverse: bool) -> Field:
+    """[B, T, ...] whose step t holds x at the step processed before t (x0 for the first)."""
+    def shift(v, v0):
+        v0 = v0[:, None]
+        return jnp.concatenate([v[:, 1:], v0] if reverse else [v0, v[:, :-1]], axis=1)
+
+    return _map(shift, x, x0)
+
+
+def _conj(x: Field) -> Field:
+    return (x[0], -x[1]) if isinstance(x, tuple) else x
 
 
 def _associative(a_eff: Field, b: Field, reverse: bool, axis: int = 1):
     return lax.associative_scan(_combine, (a_eff, b), reverse=reverse, axis=axis)
 
 
-def _apply_associative(p: _Problem, reverse: bool):
-    shape = _shape(p.b)
-    a_eff = _effective_decay(p.a, _drop_flags(p.reset, reverse), shape)
-    b = _fold_initial_state(a_eff, p.b, p.h0, reverse)
-    _, h = _associative(a_eff, b, reverse)
-    return h, _last_processed(h, reverse)
-
-
-def _apply_chunked(p: _Problem, reverse: bool, chunk: int):
-    shape = _shape(p.b)
+def _chunked(a_eff: Field, b: Field, reverse: bool, chunk: int) -> Field:
+    shape = _shape(b)
     batch, time, feat = shape[0], shape[1], shape[2:]
-    a_eff = _effective_decay(p.a, _drop_flags(p.reset, reverse), shape)
-    b = _fold_initial_state(a_eff, p.b, p.h0, reverse)
     pad = (-time) % chunk
     if pad:
         # Identity steps (a = 1, b = 0) leave the state unchanged wherever they are processed.
@@ -324,10 +329,9 @@ def _apply_chunked(p: _Problem, reverse: bool, chunk: int):
         b = _map(lambda v: jnp.pad(v, widths), b)
     n = (time + pad) // chunk
     split = lambda v: v.reshape(batch, n, chunk, *feat)            # [B, N, C, ...]
-    a_c, b_c = _map(split, a_eff), _map(split, b)
 
     # Inside each chunk, from a zero state: cumulative decay A and local state H.
-    a_cum, h_local = _associative(a_c, b_c, reverse, axis=2)
+    a_cum, h_local = _associative(_map(split, a_eff), _map(split, b), reverse, axis=2)
     edge = 0 if reverse else chunk - 1
     a_tot = _map(lambda v: jnp.moveaxis(v[:, :, edge], 1, 0), a_cum)  # [N, B, ...]
     h_tot = _map(lambda v: jnp.moveaxis(v[:, :, edge], 1, 0), h_local)
@@ -340,15 +344,49 @@ def _apply_chunked(p: _Problem, reverse: bool, chunk: int):
     _, h_in = lax.scan(carry_across, zeros, (a_tot, h_tot), reverse=reverse)
     h_in = _map(lambda v: jnp.moveaxis(v, 0, 1)[:, :, None], h_in)   # [B, N, 1, ...]
     h = _add(h_local, _mul(a_cum, h_in))
-    h = _map(lambda v: v.reshape(batch, n * chunk, *feat)[:, :time], h)
+    return _map(lambda v: v.reshape(batch, n * chunk, *feat)[:, :time], h)
+
+
+def _parallel_forward(a_eff, b, h0, reverse: bool, mode: str, chunk: int):
+    b = _fold_initial_state(a_eff, b, h0, reverse)
+    h = _associative(a_eff, b, reverse)[1] if mode == "associative" else _chunked(a_eff, b, reverse, chunk)
     return h, _last_processed(h, reverse)
 
 
-def _apply_sequential(p: _Problem, reverse: bool):
-    from zoo.ops.diagonal_sequential import scan_batch_major
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _parallel(a_eff, b, h0, reverse, mode, chunk):
+    return _parallel_forward(a_eff, b, h0, reverse, mode, chunk)
 
-    drop = _drop_flags(p.reset, reverse)
-    return scan_batch_major(p.a, p.b, p.h0, drop, reverse)
+
+def _parallel_fwd(a_eff, b, h0, reverse, mode, chunk):
+    h, final = _parallel_forward(a_eff, b, h0, reverse, mode, chunk)
+    return (h, final), (a_eff, h0, h)
+
+
+def _parallel_bwd(reverse, mode, chunk, residuals, cotangents):
+    # Autodiff through an associative scan costs 4-9x its forward pass and stores its log-depth
+    # intermediates. The adjoint is the same recurrence run the other way on the cotangents,
+    # g_t = dh_t + conj(a'_next) g_next, so the backward pass is this mode's forward pass plus one
+    # element-wise product, and only h is kept.
+    a_eff, h0, h = residuals
+    dh, d_final = cotangents
+    last = 0 if reverse else -1
+    dh = _map(lambda v, c: v.at[:, last].add(c), dh, d_final)
+    zeros = _map(jnp.zeros_like, h0)
+    a_next = _conj(_shift_from_previous(a_eff, zeros, not reverse))
+    g, _ = _parallel_forward(a_next, dh, zeros, not reverse, mode, chunk)
+    da = _mul(g, _conj(_shift_from_previous(h, h0, reverse)))
+    first = -1 if reverse else 0
+    d_h0 = _mul(_conj(_map(lambda v: v[:, first], a_eff)), _map(lambda v: v[:, first], g))
+    return da, g, d_h0
+
+
+_parallel.defvjp(_parallel_fwd, _parallel_bwd)
+
+
+def _apply_parallel(p: _Problem, reverse: bool, mode: str, chunk: int):
+    a_eff = _effective_decay(p.a, _drop_flags(p.reset, reverse), _shape(p.b))
+    return _parallel(a_eff, p.b, p.h0, reverse, mode, chunk)
 
 
 def apply(a, b, *, initial_state=None, reset=None, reverse: bool = False, mode: str = "auto",
@@ -367,11 +405,9 @@ def apply(a, b, *, initial_state=None, reset=None, reverse: bool = False, mode: 
         mode = "chunked" if chunk_size is not None else _auto_mode()
     reverse = bool(reverse)
     if mode == "sequential":
-        h, final = _apply_sequential(p, reverse)
-    elif mode == "associative":
-        h, final = _apply_associative(p, reverse)
+        h, final = scan_batch_major(p.a, p.b, p.h0, _drop_flags(p.reset, reverse), reverse)
     else:
-        h, final = _apply_chunked(p, reverse, chunk)
+        h, final = _apply_parallel(p, reverse, mode, chunk)
     return _finish(h, final, p.form)
 
 
@@ -441,12 +477,6 @@ def _log_parts(x):
 def _log_combine(earlier, later):
     (la1, lb1), (la2, lb2) = earlier, later
     return la1 + la2, _map(lambda u, v: jnp.logaddexp(la2 + u, v), lb1, lb2)
-
-
-def _shift_from_previous(x, x0, reverse: bool):
-    """[B, T, ...] whose step t holds x at the step processed before t (x0 for the first)."""
-    x0 = x0[:, None]
-    return jnp.concatenate([x[:, 1:], x0] if reverse else [x0, x[:, :-1]], axis=1)
 
 
 def _log_forward(log_a, b, h0, reverse: bool, mode: str, b_is_log: bool):
