@@ -142,6 +142,34 @@ def test_resume_after_a_kill_gives_exactly_the_uninterrupted_params_and_losses(t
     assert int(fresh_opt.step[...]) == int(whole_opt.step[...]) == steps
 
 
+def test_sequence_model_resumes_exactly_on_packed_segments(tmp_path):
+    from zoo.nn import SequenceModel
+
+    # One model object for all three runs, set back to its initial state before each: building a
+    # SequenceModel takes seconds here and each new instance is traced and compiled again. The
+    # resumed run starts from the initial state, so only the checkpoint can bring it to step 4.
+    model = SequenceModel("elman", vocab_size=2, d_model=8, n_layers=1, d_output=2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+    initial_model, initial_opt = nnx.clone(model), nnx.clone(optimizer)
+
+    def back_to_initial_state():
+        nnx.update(model, nnx.state(initial_model))
+        nnx.update(optimizer, nnx.state(initial_opt))
+
+    kwargs = dict(steps=6, eval_every=2, eval_batches=1, progress=False)
+    whole = train(model, optimizer, TASK, **kwargs)
+    whole_params = [np.array(p) for p in params_of(model)]
+    back_to_initial_state()
+    with pytest.raises(Killed):
+        train(model, optimizer, KilledAt(TASK, 5), checkpoint_dir=tmp_path, **kwargs)
+    back_to_initial_state()
+    assert int(optimizer.step[...]) == 0
+    resumed = train(model, optimizer, TASK, checkpoint_dir=tmp_path, **kwargs)
+    assert resumed.start_step == 4 and resumed.losses == whole.losses[4:]
+    for got, want in zip(params_of(model), whole_params, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_a_finished_run_resumes_to_nothing_new(tmp_path):
     model, optimizer = build()
     first = train(model, optimizer, TASK, steps=6, eval_every=3, checkpoint_dir=tmp_path / "c",
