@@ -30,17 +30,18 @@ from zoo.train import train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m zoo.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m zoo.demo", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="lstm", help="registered mixer name (see zoo.list_models())")
     parser.add_argument("--steps", type=int, default=600, help="optimizer updates")
     parser.add_argument("--out", default="demo_out", help="directory for metrics.jsonl and curves.png")
     parser.add_argument("--length", type=int, default=32, help="bits per sequence")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per batch")
+    parser.add_argument("--d-model", type=int, default=64, help="model width")
+    parser.add_argument("--layers", type=int, default=1, help="residual recurrent blocks")
     parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (warm-up, then cosine)")
     parser.add_argument("--seed", type=int, default=0, help="seeds both the data and the init")
-    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations")
     parser.add_argument("--checkpoint-dir", default=None, help="save here and resume from here")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)
