@@ -33,7 +33,7 @@ def lstm_params(seed=0):
 
 
 def lstm_pointwise(params, pre, h):
-    i, f, z, o = jnp.split(pre, 4, axis=-1)
+    i, f, z, o = jnp.split(pre + params["bias"].astype(pre.dtype), 4, axis=-1)
     f = jax.nn.sigmoid(f + params["peep"].astype(pre.dtype) * h["c"].astype(pre.dtype))
     c = f.astype(jnp.float32) * h["c"] + (jax.nn.sigmoid(i) * jnp.tanh(z)).astype(jnp.float32)
     y = jax.nn.sigmoid(o) * jnp.tanh(c.astype(pre.dtype))
@@ -41,8 +41,8 @@ def lstm_pointwise(params, pre, h):
 
 
 LSTM = nonlinear.SplitCell(
-    project=lambda p, x: x @ p["w_in"].astype(x.dtype) + p["bias"].astype(x.dtype),
-    recurrent_weight=lambda p: p["w_rec"], read=lambda h: h["h"], pointwise=lstm_pointwise)
+    input_weight=lambda p: p["w_in"], recurrent_weight=lambda p: p["w_rec"], read=lambda h: h["h"],
+    pointwise=lstm_pointwise)
 
 
 def plain_lstm(params, h, x_t):
@@ -57,7 +57,7 @@ def gru_params(seed=0):
 
 def gru_pointwise(params, pre, h):
     pre_x, pre_h = pre
-    pre_h = pre_h + params["b_rec"]
+    pre_x, pre_h = pre_x + params["b_in"], pre_h + params["b_rec"]
     r = jax.nn.sigmoid(pre_x[:, :H] + pre_h[:, :H])
     z = jax.nn.sigmoid(pre_x[:, H:2 * H] + pre_h[:, H:2 * H])
     n = jnp.tanh(pre_x[:, 2 * H:] + r * pre_h[:, 2 * H:])
@@ -65,7 +65,7 @@ def gru_pointwise(params, pre, h):
     return h_new, h_new
 
 
-GRU = nonlinear.SplitCell(project=lambda p, x: x @ p["w_in"] + p["b_in"],
+GRU = nonlinear.SplitCell(input_weight=lambda p: p["w_in"],
                           recurrent_weight=lambda p: p["w_rec"], read=lambda h: h,
                           pointwise=gru_pointwise, separate=True)
 
@@ -149,18 +149,23 @@ def test_separate_parts_cell_matches_reference_values_and_gradients(reverse):
     assert_trees_close(got, want, GRAD_TOL)
 
 
-def test_bfloat16_inputs_keep_a_float32_state_and_match_float32_within_a_percent():
+def test_bfloat16_inputs_keep_a_float32_state_and_match_float32_within_a_few_percent():
+    """bf16 keeps 8 bits of mantissa; values within 1e-2, gradients (sums over B·T rounded
+    products) within 3e-2 of the largest float32 gradient of each leaf."""
     params, h0 = lstm_params(16), lstm_state(17)
     xs, reset, weights = data(18)
     loss32 = _loss(LSTM, False, reset, weights)
     g32 = jax.grad(loss32, argnums=(0, 1))(params, xs, h0, None)
     g16 = jax.grad(loss32, argnums=(0, 1))(params, xs.astype(jnp.bfloat16), h0, None)
     ys, final = nonlinear.apply(LSTM, params, xs.astype(jnp.bfloat16), initial_state=h0, reset=reset)
+    ys32, final32 = nonlinear.apply(LSTM, params, xs, initial_state=h0, reset=reset)
     assert ys.dtype == jnp.bfloat16 and final["c"].dtype == jnp.float32
+    np.testing.assert_allclose(ys.astype(jnp.float32), ys32, atol=1e-2)
+    np.testing.assert_allclose(final["c"], final32["c"], atol=1e-2 * float(jnp.abs(final32["c"]).max()))
     assert g16[1].dtype == jnp.bfloat16
     for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32), strict=True):
         scale = float(jnp.abs(b).max())
-        assert float(jnp.abs(a.astype(jnp.float32) - b).max()) <= 2e-2 * scale
+        assert float(jnp.abs(a.astype(jnp.float32) - b).max()) <= 3e-2 * scale
 
 
 def test_vmap_of_the_structured_path_equals_a_loop():

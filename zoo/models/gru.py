@@ -84,11 +84,9 @@ def build(config: GRUConfig):
         n = jnp.tanh(pre_x[..., 2 * d:] + (r * h_lo) @ p["w_rec"][:, 2 * d:])
         return mix(z, n, h)
 
-    def project(params, x):
-        return x @ params["w_in"].astype(x.dtype) + params["bias_in"].astype(x.dtype)
-
     def pointwise(params, pre, h):
         pre_x, pre_h = pre
+        pre_x = pre_x + params["bias_in"].astype(pre_x.dtype)
         pre_h = pre_h + params["bias_rec"].astype(pre_h.dtype)
         rz = jax.nn.sigmoid(pre_x[..., :2 * d] + pre_h[..., :2 * d])
         r, z = rz[..., :d], rz[..., d:]
@@ -96,7 +94,7 @@ def build(config: GRUConfig):
         return mix(z, n, h)
 
     if config.reset_after:
-        cell = nonlinear.SplitCell(project=project, recurrent_weight=lambda p: p["w_rec"],
+        cell = nonlinear.SplitCell(input_weight=lambda p: p["w_in"], recurrent_weight=lambda p: p["w_rec"],
                                    read=lambda h: h, pointwise=pointwise, separate=True)
     else:
         cell = cho_cell

@@ -116,9 +116,6 @@ def build(config: LSTMConfig):
             params["w_gate_rec"] = dense_init(k_gate, 3 * d, 3 * d)
         return params
 
-    def project(params, x):
-        return x @ params["w_in"].astype(x.dtype) + params["bias"].astype(x.dtype)
-
     def recurrent_weight(params):
         if not fgr:
             return params["w_rec"]
@@ -132,7 +129,8 @@ def build(config: LSTMConfig):
         return jnp.concatenate([h["h"], h["gates"]], axis=-1) if fgr else h["h"]
 
     def pointwise(params, pre, h):
-        p = cast({k: v for k, v in params.items() if k.startswith("peep_")}, pre.dtype)
+        p = cast({k: v for k, v in params.items() if k == "bias" or k.startswith("peep_")}, pre.dtype)
+        pre = pre + p["bias"]
         c_prev = h["c"]
         c_prev_lo = c_prev.astype(pre.dtype)
         gate = {}
@@ -157,8 +155,8 @@ def build(config: LSTMConfig):
             new["gates"] = jnp.concatenate([i, f, o], axis=-1).astype(jnp.float32)
         return new, y
 
-    cell = nonlinear.SplitCell(project=project, recurrent_weight=recurrent_weight, read=read,
-                               pointwise=pointwise)
+    cell = nonlinear.SplitCell(input_weight=lambda p: p["w_in"], recurrent_weight=recurrent_weight,
+                               read=read, pointwise=pointwise)
 
     def initial_state(params, batch):
         state = {"h": jnp.zeros((batch, d), jnp.float32), "c": jnp.zeros((batch, d), jnp.float32)}

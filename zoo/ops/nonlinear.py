@@ -40,36 +40,36 @@ MODES = ("sequential",)
 class SplitCell(NamedTuple):
     """A cell split into its linear and pointwise parts::
 
-        pre_t      = project(params, x_t) + read(h_{t-1}) @ recurrent_weight(params)     # [B, G]
+        pre_t      = x_t @ input_weight(params) + read(h_{t-1}) @ recurrent_weight(params)   # [B, G]
         h_t, y_t   = pointwise(params, pre_t, h_{t-1})
 
-    * ``project(params, x)``: affine in ``x``; maps any leading axes ([B, ...] -> [B, G] and
-      [B, T, ...] -> [B, T, G]) and returns the compute dtype (the input dtype).
-    * ``recurrent_weight(params)``: the [R, G] matrix (cast to the compute dtype by the engine).
+    * ``input_weight(params)``: the [D_in, G] matrix; ``xs`` is one [B, T, D_in] array.
+    * ``recurrent_weight(params)``: the [R, G] matrix. Both are cast to the compute dtype (the
+      dtype of ``xs``) by the engine.
     * ``read(h)``: the [B, R] part of the state that the matrix sees; linear in ``h`` and mapping
       leading axes (for example ``h["h"]``).
-    * ``pointwise(params, pre, h)``: everything else, elementwise per row (gates, peepholes, biases
-      that sit after the product).
-    * ``separate=True`` hands ``pointwise`` the pair ``(project(...), read(h) @ W)`` instead of their
-      sum, for cells that gate the recurrent part alone (GRU with the reset gate after the product).
+    * ``pointwise(params, pre, h)``: everything else, elementwise per row: biases, gates,
+      peepholes. ``pre`` is in the compute dtype; ``h`` is the float32 state.
+    * ``separate=True`` hands ``pointwise`` the pair ``(x_t @ W_in, read(h) @ W_rec)`` instead of
+      their sum, for cells that gate the recurrent part alone (GRU with the reset gate after the
+      product).
 
     The instance is itself a plain cell (``__call__``), so ``step`` and ``reference`` use it as is.
     """
 
-    project: Callable[[Any, Any], jax.Array]
+    input_weight: Callable[[Any], jax.Array]
     recurrent_weight: Callable[[Any], jax.Array]
     read: Callable[[Any], jax.Array]
     pointwise: Callable[[Any, Any, Any], tuple[Any, Any]]
     separate: bool = False
 
     def preactivation(self, params, h, x_t):
-        pre_x = self.project(params, x_t)
-        w = self.recurrent_weight(params).astype(pre_x.dtype)
-        pre_h = self.read(h).astype(pre_x.dtype) @ w
+        pre_x = x_t @ self.input_weight(params).astype(x_t.dtype)
+        pre_h = self.read(h).astype(x_t.dtype) @ self.recurrent_weight(params).astype(x_t.dtype)
         return (pre_x, pre_h) if self.separate else pre_x + pre_h
 
     def parts(self, dpre):
-        """The cotangents of (project, read @ W) from the cotangent of ``pre``."""
+        """The cotangents of (x @ W_in, read(h) @ W_rec) from the cotangent of ``pre``."""
         return dpre if self.separate else (dpre, dpre)
 
     def __call__(self, params, h, x_t):
@@ -103,6 +103,9 @@ def apply(cell: Cell, params, xs, *, initial_state, reset=None, reverse: bool = 
     h0 = _to_float32(initial_state)
     fresh = jax.tree.map(jnp.zeros_like, h0) if reset_state is None else _to_float32(reset_state)
     if isinstance(cell, SplitCell):
+        if not hasattr(xs, "shape") or len(xs.shape) != 3:
+            raise TypeError(f"nonlinear.apply: a SplitCell takes xs as one [B, T, D_in] array, "
+                            f"got {jax.tree.map(jnp.shape, xs)}")
         # The flag used at step t, in the original time order (see zoo/ops/_time.py for reverse).
         flags = None
         if reset is not None:
@@ -151,8 +154,8 @@ def _buffers(like, time):
 
 def _split_forward(cell, reverse, unroll, params, xs, h0, fresh, flags, save):
     """The time loop. With ``save`` it also returns ``pre`` [B, T, G] and the state entering each step."""
-    time = jax.tree.leaves(xs)[0].shape[1]
-    x_0 = _at(xs, 0)
+    time = xs.shape[1]
+    x_0 = xs[:, 0]
     pre_like, (_, y_like) = jax.eval_shape(
         lambda: (cell.preactivation(params, h0, x_0), cell(params, h0, x_0)))
     bufs = {"ys": _buffers(y_like, time)}
@@ -213,17 +216,23 @@ def _split_scan_bwd(cell, reverse, unroll, residuals, cotangents):
     (dh0, d_fresh, d_params, dpre_all), _ = lax.scan(
         body, carry0, jnp.arange(time), reverse=not reverse, unroll=unroll)
 
-    # The weight and input gradients, each one product over all B·T rows.
+    # The weight and input gradients, each one product over all B·T rows. The einsums keep the
+    # [B, T, ·] operands as they are: XLA CPU then transposes at most the narrow one (a VJP of
+    # x @ W would transpose the [B, T, G] cotangent instead, doubling the cost).
     dpre_x_all, dpre_h_all = cell.parts(dpre_all)
     rows = cell.read(h_in_all).astype(dpre_h_all.dtype)                       # [B, T, R]
-    dw_rec = jnp.einsum("btr,btg->rg", rows, dpre_h_all, preferred_element_type=jnp.float32)
-    _, weight_vjp = jax.vjp(cell.recurrent_weight, params)
-    _, project_vjp = jax.vjp(cell.project, params, xs)
-    (dp_weight,) = weight_vjp(dw_rec.astype(jax.eval_shape(cell.recurrent_weight, params).dtype))
-    dp_project, dxs = project_vjp(dpre_x_all)
-    d_params = jax.tree.map(lambda *g: sum(g[1:], g[0].astype(jnp.float32)).astype(g[0].dtype),
-                            d_params, dp_weight, dp_project)
-    return d_params, dxs, dh0, d_fresh, None
+    f32 = jnp.float32
+    dw_rec = jnp.einsum("btr,btg->rg", rows, dpre_h_all, preferred_element_type=f32)
+    dw_in = jnp.einsum("btd,btg->dg", xs, dpre_x_all, preferred_element_type=f32)
+    w_in = cell.input_weight(params)
+    dxs = jnp.einsum("btg,dg->btd", dpre_x_all, w_in.astype(dpre_x_all.dtype))
+    _, rec_vjp = jax.vjp(cell.recurrent_weight, params)
+    _, in_vjp = jax.vjp(cell.input_weight, params)
+    (dp_rec,) = rec_vjp(dw_rec.astype(jax.eval_shape(cell.recurrent_weight, params).dtype))
+    (dp_in,) = in_vjp(dw_in.astype(w_in.dtype))
+    d_params = jax.tree.map(lambda *g: sum(g[1:], g[0].astype(f32)).astype(g[0].dtype),
+                            d_params, dp_rec, dp_in)
+    return d_params, dxs.astype(xs.dtype), dh0, d_fresh, None
 
 
 _split_scan.defvjp(_split_scan_fwd, _split_scan_bwd)
