@@ -78,7 +78,7 @@ def check_reset(name: str, reset, batch: int, time: int):
         return None
     if _shape(reset) != (batch, time):
         raise ValueError(f"{name}: reset must have shape [B, T] = {(batch, time)}, got {_shape(reset)}")
-    dtype = getattr(reset, "dtype", np.asarray(reset).dtype)
+    dtype = reset.dtype if hasattr(reset, "dtype") else np.asarray(reset).dtype
     if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)):
         raise ValueError(f"{name}: reset must be bool [B, T], got dtype {dtype}")
     return jnp.asarray(reset).astype(bool)
