@@ -46,17 +46,23 @@ as tuples). If any of them is complex, the others are promoted (a real ``a`` is 
 Internally everything is a real pair, so no kernel ever sees a complex dtype.
 
 Log space (minGRU / minLSTM, "Were RNNs All We Needed?"): ``apply_log`` takes the decay as
-``log_a`` (so a decay within 1e-9 of 1 keeps its precision) and runs
-``log h_t = logaddexp(log a_t + log h_{t-1}, log b_t)``. ``b`` may be signed: it is split as
-``b = b⁺ - b⁻`` (and the state likewise), and the two non-negative parts are scanned side by side
-with the same ``log_a``; ``h = exp(log h⁺) - exp(log h⁻)``. Pass ``log_b`` instead of ``b`` when
-the model already has ``log b`` (b > 0, the paper's form with ``g(h̃) > 0``). Its gradient is
-a ``custom_vjp`` whose backward pass is the same log-space scan run the other way on the (signed)
-cotangents, so exact zeros (``log_a = -inf``, ``b = 0``, a zero part of the state) give finite
-values and the right gradients, never ``0 · inf``. Modes: ``"sequential"`` and
-``"associative"`` (the logaddexp combine; ``"auto"`` picks as above). The associative form is used
-instead of the paper's ``logcumsumexp(log b - cumsum(log a))``, which loses all precision once
-``|cumsum(log a)|`` is large (a decay near 0 over a long sequence).
+``log_a`` and ``b`` either signed and linear or as ``log_b`` (the paper's form, b > 0), so a model
+writes its gates once in the stable log form (``log_a = -softplus(k)``) whatever the mode:
+
+* ``"associative"`` is the paper's log-space parallel scan, written as an associative scan with the
+  combine ``(la₁, lb₁) ∘ (la₂, lb₂) = (la₁ + la₂, logaddexp(la₂ + lb₁, lb₂))``. A signed ``b`` (and
+  state) is split as ``b = b⁺ - b⁻`` and the two non-negative parts are scanned side by side with
+  the same ``log_a``; ``h = exp(log h⁺) - exp(log h⁻)``. This replaces the paper's
+  ``logcumsumexp(log b - cumsum(log a))``, which loses all precision once ``|cumsum(log a)|`` is
+  large (a decay near 0 over a long sequence). Its gradient is a ``custom_vjp`` whose backward pass
+  is the same log-space scan run the other way on the signed cotangents, so exact zeros
+  (``log_a = -inf``, ``b = 0``, a zero part of the state) give finite values and the right
+  gradients, never ``0 · inf``.
+* ``"sequential"`` exponentiates once and runs the linear sequential pass. In sequential order the
+  linear form is already stable (no cumulative product, no division), and it is about 30x faster
+  on CPU than a log-space step loop, whose exp/log per element per step dominate. Near a = 1 the
+  two forms lose the same float32 precision per step (``log a`` below ulp(log h) is lost in
+  ``log a + log h`` just as ``1 - a`` below 6e-8 is lost in ``a``).
 
 Dtypes: the state and all accumulation are float32 whatever the input dtype (bfloat16 inputs give
 bfloat16 ``h``); only float64 inputs (with x64 enabled) are accumulated in float64, so that tests
@@ -479,39 +485,29 @@ def _log_combine(earlier, later):
     return la1 + la2, _map(lambda u, v: jnp.logaddexp(la2 + u, v), lb1, lb2)
 
 
-def _log_forward(log_a, b, h0, reverse: bool, mode: str, b_is_log: bool):
-    """Linear ``h`` from a log-space scan of the two signed parts. log_a is b's full shape."""
+def _log_forward(log_a, b, h0, reverse: bool, b_is_log: bool):
+    """Linear ``h`` from a log-space associative scan of the two signed parts (log_a: b's shape)."""
     minus_inf = jnp.full(b.shape, -jnp.inf, b.dtype)
     lb = (b, minus_inf) if b_is_log else _log_parts(b)
-    lh0 = _log_parts(h0)
-    if mode == "associative":
-        first = -1 if reverse else 0
-        fold = lambda v, c: v.at[:, first].set(jnp.logaddexp(log_a[:, first] + c, v[:, first]))
-        _, lh = lax.associative_scan(_log_combine, (log_a, _map(fold, lb, lh0)), reverse=reverse, axis=1)
-    else:
-        def body(lh_prev, inputs):
-            la_t, lb_t = inputs
-            lh_t = _map(lambda u, v: jnp.logaddexp(la_t + u, v), lh_prev, lb_t)
-            return lh_t, lh_t
-
-        tm = lambda v: jnp.swapaxes(v, 0, 1)
-        _, lh = lax.scan(body, lh0, (tm(log_a), _map(tm, lb)), reverse=reverse)
-        lh = _map(tm, lh)
+    first = -1 if reverse else 0
+    fold = lambda v, c: v.at[:, first].set(jnp.logaddexp(log_a[:, first] + c, v[:, first]))
+    lb = _map(fold, lb, _log_parts(h0))
+    _, lh = lax.associative_scan(_log_combine, (log_a, lb), reverse=reverse, axis=1)
     h = jnp.exp(lh[0]) - jnp.exp(lh[1])
     return h, _last_processed(h, reverse)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _log_recurrence(log_a, b, h0, reverse, mode, b_is_log):
-    return _log_forward(log_a, b, h0, reverse, mode, b_is_log)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _log_recurrence(log_a, b, h0, reverse, b_is_log):
+    return _log_forward(log_a, b, h0, reverse, b_is_log)
 
 
-def _log_recurrence_fwd(log_a, b, h0, reverse, mode, b_is_log):
-    h, final = _log_forward(log_a, b, h0, reverse, mode, b_is_log)
+def _log_recurrence_fwd(log_a, b, h0, reverse, b_is_log):
+    h, final = _log_forward(log_a, b, h0, reverse, b_is_log)
     return (h, final), (log_a, b, h0, h)
 
 
-def _log_recurrence_bwd(reverse, mode, b_is_log, residuals, cotangents):
+def _log_recurrence_bwd(reverse, b_is_log, residuals, cotangents):
     # Differentiating through logaddexp and log would give 0·inf at exact zeros (a part of b or
     # of the state that is 0, a decay of 0). Instead, the adjoint g_t = dh_t + a_next g_next is the
     # same signed recurrence run the other way, computed by the same log-space scan.
@@ -521,7 +517,7 @@ def _log_recurrence_bwd(reverse, mode, b_is_log, residuals, cotangents):
     dh = dh.at[:, last].add(d_final)
     minus_inf = jnp.full(h0.shape, -jnp.inf, log_a.dtype)
     log_a_next = _shift_from_previous(log_a, minus_inf, not reverse)
-    g, _ = _log_forward(log_a_next, dh, jnp.zeros_like(h0), not reverse, mode, False)
+    g, _ = _log_forward(log_a_next, dh, jnp.zeros_like(h0), not reverse, False)
     a = jnp.exp(log_a)
     d_log_a = a * _shift_from_previous(h, h0, reverse) * g
     d_b = jnp.exp(b) * g if b_is_log else g
@@ -551,9 +547,15 @@ def apply_log(log_a, b=None, *, log_b=None, initial_state=None, reset=None, reve
     if mode == "auto":
         mode = _auto_mode()
     reverse = bool(reverse)
-    log_a = jnp.broadcast_to(p.a, _shape(p.b))
     drop = _drop_flags(p.reset, reverse)
+    if mode == "sequential":
+        # In sequential order the linear recurrence needs no log space: there is no cumulative
+        # product to underflow and no division. Exponentiate once and run the linear pass.
+        b_lin = jnp.exp(p.b) if log_b is not None else p.b
+        h, final = scan_batch_major(jnp.exp(p.a), b_lin, p.h0, drop, reverse)
+        return h.astype(p.form.out_dtype), final
+    log_a = jnp.broadcast_to(p.a, _shape(p.b))
     if drop is not None:
         log_a = jnp.where(_mask(drop, log_a), jnp.asarray(-jnp.inf, log_a.dtype), log_a)
-    h, final = _log_recurrence(log_a, p.b, p.h0, reverse, mode, log_b is not None)
+    h, final = _log_recurrence(log_a, p.b, p.h0, reverse, log_b is not None)
     return h.astype(p.form.out_dtype), final

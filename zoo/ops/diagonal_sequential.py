@@ -74,21 +74,41 @@ def _order(time: int, i, backwards: bool):
     return time - 1 - i if backwards else i
 
 
-def _forward(a, b, h0, drop, reverse: bool):
-    time = _first(b).shape[1]
-    varying = _first(a).shape[1] != 1
+def loop_over_time(step, h0, xs, reverse: bool, invariant=None):
+    """Fold ``h_t = step(h_{t-1}, x_t)`` over axis 1 of the batch-major pytree ``xs``.
+
+    Returns ``(h [B, T, ...], h_last)``: every state is written into a preallocated output at its own
+    time index, so nothing is transposed. ``invariant`` (a pytree like ``xs`` of bools, or None)
+    marks leaves with a size-1 time axis that every step reads whole.
+    """
+    leaves = jax.tree.leaves(xs)
+    time = max(v.shape[1] for v in leaves)
+    flags = jax.tree.leaves(invariant) if invariant is not None else [False] * len(leaves)
+    treedef = jax.tree.structure(xs)
 
     def body(i, carry):
         h, out = carry
         t = _order(time, i, reverse)
-        if drop is not None:
-            h = _dropped(lax.dynamic_index_in_dim(drop, t, axis=1, keepdims=False), h)
-        h = _map(jnp.add, _mul(_at(a, t, varying), h), _at(b, t))
+        x_t = [v[:, 0] if fixed else lax.dynamic_index_in_dim(v, t, axis=1, keepdims=False)
+               for v, fixed in zip(leaves, flags, strict=True)]
+        h = step(h, jax.tree.unflatten(treedef, x_t))
         return h, _put(out, h, t)
 
-    out = _map(jnp.empty_like, b)
+    out = _map(lambda v: jnp.empty((v.shape[0], time, *v.shape[1:]), v.dtype), h0)
     final, out = lax.fori_loop(0, time, body, (h0, out))
     return out, final
+
+
+def _forward(a, b, h0, drop, reverse: bool):
+    def step(h, x_t):
+        a_t, b_t, d_t = x_t
+        if d_t is not None:
+            h = _dropped(d_t, h)
+        return _map(jnp.add, _mul(a_t, h), b_t)
+
+    invariant = (_map(lambda v: v.shape[1] == 1, a), _map(lambda v: False, b),
+                 None if drop is None else False)
+    return loop_over_time(step, h0, (a, b, drop), reverse, invariant)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
