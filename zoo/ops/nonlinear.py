@@ -163,11 +163,20 @@ def _split_forward(cell, reverse, unroll, params, xs, h0, fresh, flags, save):
         bufs["pre"] = _buffers(pre_like, time)
         bufs["h_in"] = _buffers(h0, time)
 
+    if cell.separate:
+        preactivation = lambda h, x_t: cell.preactivation(params, h, x_t)
+    else:
+        # One product per step, [x_t, read(h)] @ [W_in; W_rec]: cheaper on CPU than two.
+        w_cat = jnp.concatenate([cell.input_weight(params).astype(xs.dtype),
+                                 cell.recurrent_weight(params).astype(xs.dtype)], axis=0)
+        preactivation = lambda h, x_t: jnp.concatenate(
+            [x_t, cell.read(h).astype(xs.dtype)], axis=-1) @ w_cat
+
     def body(carry, t):
         h, bufs = carry
         if flags is not None:
             h = _select_state(lax.dynamic_index_in_dim(flags, t, 1, keepdims=False), fresh, h)
-        pre = cell.preactivation(params, h, _at(xs, t))
+        pre = preactivation(h, _at(xs, t))
         h_new, y = cell.pointwise(params, pre, h)
         new = {"ys": y}
         if save:
