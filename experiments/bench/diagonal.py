@@ -100,6 +100,7 @@ def main(argv=None):
     w = jax.random.normal(keys[2], shape)
     bytes_moved = 3 * a.size * a.dtype.itemsize
 
+    load_before = os.getloadavg()
     copy_gbps = _numpy_copy_gbps(np.asarray(b), args.repeats)
     reference = jax.jit(_scan_behind_transposes)(a, b)
     rows = []
@@ -120,6 +121,8 @@ def main(argv=None):
     header = (f"diagonal engine, B={args.batch} T={args.time} D={args.width} float32, "
               f"{jax.default_backend()}, median of {args.repeats} (numpy copy {copy_gbps:.1f} GB/s)")
     print(header)
+    print(f"load average (1 min) {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after, on "
+          f"{os.cpu_count()} cores: timings on a busy machine are not comparable")
     print(f"{'mode':18s} {'fwd ms':>8s} {'GB/s':>6s} {'x copy':>7s} {'fwd+bwd ms':>11s} {'GB/s':>6s} "
           f"{'min fwd':>8s} {'min f+b':>8s} {'err':>8s}")
     for r in rows:
@@ -131,6 +134,7 @@ def main(argv=None):
         "benchmark": "zoo.ops.diagonal", "shape": {"B": args.batch, "T": args.time, "D": args.width},
         "dtype": "float32", "repeats": args.repeats, "bytes_per_pass": bytes_moved,
         "numpy_copy_gbps": copy_gbps, "rows": rows,
+        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
         "when_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -302,6 +302,7 @@ _OK = {"a": np.full((B, T, F), 0.5, np.float32), "b": np.ones((B, T, F), np.floa
         ({"a": np.ones((B, T + 1, F), np.float32)}, r"a has shape \(2, 12, 3\) but b has \(2, 11, 3\)"),
         ({"a": np.ones((F + 1,), np.float32)}, r"a has shape \(4,\)"),
         ({"b": np.ones((B,), np.float32), "a": np.ones((B,), np.float32)}, r"b must have shape \[B, T"),
+        ({"b": np.ones((B, 0, F), np.float32), "a": np.ones((F,), np.float32)}, r"T = 0 steps"),
         ({"b": np.ones((B, T, F), np.int32)}, r"b has dtype int32"),
         ({"a": np.ones((B, T, F), np.int32)}, r"a has dtype int32"),
         ({"initial_state": np.ones((B, F + 1), np.float32)}, r"initial_state must have shape .* = \(2, 3\)"),

@@ -64,6 +64,10 @@ writes its gates once in the stable log form (``log_a = -softplus(k)``) whatever
   two forms lose the same float32 precision per step (``log a`` below ulp(log h) is lost in
   ``log a + log h`` just as ``1 - a`` below 6e-8 is lost in ``a``).
 
+Differentiation: every mode has a ``custom_vjp`` (reverse mode: ``jax.grad``, ``jax.vjp``); forward
+mode (``jax.jvp``, ``jax.jacfwd``) is not supported through ``apply`` and ``apply_log``, only
+through ``reference``.
+
 Dtypes: the state and all accumulation are float32 whatever the input dtype (bfloat16 inputs give
 bfloat16 ``h``); only float64 inputs (with x64 enabled) are accumulated in float64, so that tests
 can check the algorithms in float64.
@@ -220,6 +224,8 @@ def _prepare(who: str, a, b, initial_state, reset, *, a_name: str = "a") -> _Pro
     b_shape = _shape(b)
     if len(b_shape) < 2:
         raise ValueError(f"{who}: b must have shape [B, T, ...], got {b_shape}")
+    if b_shape[1] == 0:
+        raise ValueError(f"{who}: b has shape {b_shape} with T = 0 steps; at least one step is needed")
     a_shape = _check_decay_shape(who, a_name, _shape(a), b_shape)
     a = _map(lambda v: v.reshape(a_shape), a)
     kinds = [a_kind, b_kind]
