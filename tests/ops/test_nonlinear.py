@@ -193,3 +193,12 @@ def test_unknown_mode_is_rejected_by_name():
     xs, _, _ = data(0)
     with pytest.raises(ValueError, match="mode='newton'"):
         nonlinear.apply(LSTM, params, xs, initial_state=h0, mode="newton")
+
+
+@pytest.mark.parametrize("cell", [LSTM, plain_lstm], ids=["split", "plain"])
+def test_empty_sequence_returns_the_initial_state(cell):
+    params, h0 = lstm_params(25), lstm_state(26)
+    xs = jnp.zeros((B, 0, D_IN), jnp.float32)
+    ys, final = nonlinear.apply(cell, params, xs, initial_state=h0)
+    assert ys.shape == (B, 0, H)
+    assert_trees_close(final, h0, TOL)

@@ -107,6 +107,10 @@ def apply(cell: Cell, params, xs, *, initial_state, reset=None, reverse: bool = 
             raise TypeError(f"nonlinear.apply: a SplitCell takes xs as one [B, T, D_in] array, "
                             f"got {jax.tree.map(jnp.shape, xs)}")
         # The flag used at step t, in the original time order (see zoo/ops/_time.py for reverse).
+        if xs.shape[1] == 0:                  # nothing to scan (a size-0 slice cannot be traced)
+            x_0 = jax.ShapeDtypeStruct((xs.shape[0], xs.shape[2]), xs.dtype)
+            y_like = jax.eval_shape(lambda x: cell(params, h0, x)[1], x_0)
+            return _buffers(y_like, 0), h0
         flags = None
         if reset is not None:
             flags = jnp.flip(reset_for_reverse(reset), 1) if reverse else reset
@@ -155,9 +159,9 @@ def _buffers(like, time):
 def _split_forward(cell, reverse, unroll, params, xs, h0, fresh, flags, save):
     """The time loop. With ``save`` it also returns ``pre`` [B, T, G] and the state entering each step."""
     time = xs.shape[1]
-    x_0 = xs[:, 0]
+    x_0 = jax.ShapeDtypeStruct((xs.shape[0], xs.shape[2]), xs.dtype)
     pre_like, (_, y_like) = jax.eval_shape(
-        lambda: (cell.preactivation(params, h0, x_0), cell(params, h0, x_0)))
+        lambda x: (cell.preactivation(params, h0, x), cell(params, h0, x)), x_0)
     bufs = {"ys": _buffers(y_like, time)}
     if save:
         bufs["pre"] = _buffers(pre_like, time)
