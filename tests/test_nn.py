@@ -52,7 +52,7 @@ def _train(model, inputs, targets, steps, lr=3e-3):
     return [float(train_step(model, optimizer, inputs, targets)) for _ in range(steps)]
 
 
-@pytest.mark.parametrize("mixer", ["elman"])
+@pytest.mark.parametrize("mixer", ["lstm"])
 def test_sequence_model_training_steps_reduce_the_loss(mixer):
     model = zoo.nn.SequenceModel(mixer, vocab_size=11, d_model=16, n_layers=2, d_output=11, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (4, 13), 0, 11)
