@@ -121,8 +121,9 @@ def main(argv=None):
     header = (f"diagonal engine, B={args.batch} T={args.time} D={args.width} float32, "
               f"{jax.default_backend()}, median of {args.repeats} (numpy copy {copy_gbps:.1f} GB/s)")
     print(header)
+    busy = max(load_before[0], os.getloadavg()[0]) > 0.75 * (os.cpu_count() or 1)
     print(f"load average (1 min) {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after, on "
-          f"{os.cpu_count()} cores: timings on a busy machine are not comparable")
+          f"{os.cpu_count()} cores" + ("; the machine was busy: re-run before comparing" if busy else ""))
     print(f"{'mode':18s} {'fwd ms':>8s} {'GB/s':>6s} {'x copy':>7s} {'fwd+bwd ms':>11s} {'GB/s':>6s} "
           f"{'min fwd':>8s} {'min f+b':>8s} {'err':>8s}")
     for r in rows:

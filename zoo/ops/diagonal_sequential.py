@@ -24,44 +24,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-
-def _mul(x, y):
-    if isinstance(x, tuple):
-        (xr, xi), (yr, yi) = x, y
-        return (xr * yr - xi * yi, xr * yi + xi * yr)
-    return x * y
-
-
-def _conj(x):
-    return (x[0], -x[1]) if isinstance(x, tuple) else x
-
-
-def _map(fn, *xs):
-    return jax.tree.map(fn, *xs)
-
-
-def _first(x):
-    return x[0] if isinstance(x, tuple) else x
+from zoo.ops.diagonal_pairs import conj, fmap, mul, real_part, shift_from_previous, zero_where
 
 
 def _at(x, t, time_varying: bool = True):
     """Slice t of axis 1 (or the only slice of a time-invariant array)."""
     if not time_varying:
-        return _map(lambda v: v[:, 0], x)
-    return _map(lambda v: lax.dynamic_index_in_dim(v, t, axis=1, keepdims=False), x)
+        return fmap(lambda v: v[:, 0], x)
+    return fmap(lambda v: lax.dynamic_index_in_dim(v, t, axis=1, keepdims=False), x)
 
 
 def _put(buf, value, t):
-    return _map(lambda o, v: lax.dynamic_update_index_in_dim(o, v, t, axis=1), buf, value)
-
-
-def _dropped(flag_t, x):
-    """x with the rows of flagged sequences zeroed (flag_t: bool [B])."""
-    def zero(v):
-        mask = flag_t.reshape(flag_t.shape + (1,) * (v.ndim - 1))
-        return jnp.where(mask, jnp.zeros((), v.dtype), v)
-
-    return _map(zero, x)
+    return fmap(lambda o, v: lax.dynamic_update_index_in_dim(o, v, t, axis=1), buf, value)
 
 
 def _sum_to(x, shape):
@@ -94,7 +68,7 @@ def loop_over_time(step, h0, xs, reverse: bool, invariant=None):
         h = step(h, jax.tree.unflatten(treedef, x_t))
         return h, _put(out, h, t)
 
-    out = _map(lambda v: jnp.empty((v.shape[0], time, *v.shape[1:]), v.dtype), h0)
+    out = fmap(lambda v: jnp.empty((v.shape[0], time, *v.shape[1:]), v.dtype), h0)
     final, out = lax.fori_loop(0, time, body, (h0, out))
     return out, final
 
@@ -103,10 +77,10 @@ def _forward(a, b, h0, drop, reverse: bool):
     def step(h, x_t):
         a_t, b_t, d_t = x_t
         if d_t is not None:
-            h = _dropped(d_t, h)
-        return _map(jnp.add, _mul(a_t, h), b_t)
+            h = zero_where(d_t, h)
+        return fmap(jnp.add, mul(a_t, h), b_t)
 
-    invariant = (_map(lambda v: v.shape[1] == 1, a), _map(lambda v: False, b),
+    invariant = (fmap(lambda v: v.shape[1] == 1, a), fmap(lambda v: False, b),
                  None if drop is None else False)
     return loop_over_time(step, h0, (a, b, drop), reverse, invariant)
 
@@ -124,30 +98,26 @@ def _scan_fwd(a, b, h0, drop, reverse):
 def _scan_bwd(reverse, residuals, cotangents):
     a, h, h0, drop = residuals
     dh, d_final = cotangents
-    time = _first(h).shape[1]
-    varying = _first(a).shape[1] != 1
+    time = real_part(h).shape[1]
+    varying = real_part(a).shape[1] != 1
 
     # The loop computes only g (which is db); writing a second [B, T, ...] output from the same
     # loop measured about as slow as a second loop, so da is one fused element-wise pass after it.
     def body(i, carry):
         c, g_buf = carry
         t = _order(time, i, not reverse)             # the opposite order to the forward pass
-        g = _map(jnp.add, _at(dh, t), c)
-        c = _mul(_conj(_at(a, t, varying)), g)
+        g = fmap(jnp.add, _at(dh, t), c)
+        c = mul(conj(_at(a, t, varying)), g)
         if drop is not None:
-            c = _dropped(lax.dynamic_index_in_dim(drop, t, axis=1, keepdims=False), c)
+            c = zero_where(lax.dynamic_index_in_dim(drop, t, axis=1, keepdims=False), c)
         return c, _put(g_buf, g, t)
 
-    d_h0, g = lax.fori_loop(0, time, body, (d_final, _map(jnp.empty_like, h)))
+    d_h0, g = lax.fori_loop(0, time, body, (d_final, fmap(jnp.empty_like, h)))
 
-    def shift(v, v0):                                # h_prev(t) for every t
-        v0 = v0[:, None]
-        return jnp.concatenate([v[:, 1:], v0] if reverse else [v0, v[:, :-1]], axis=1)
-
-    da = _mul(g, _conj(_map(shift, h, h0)))
+    da = mul(g, conj(shift_from_previous(h, h0, reverse)))
     if drop is not None:
-        da = _map(lambda v: jnp.where(drop.reshape(drop.shape + (1,) * (v.ndim - 2)), 0.0, v), da)
-    da = _map(lambda v, ref: _sum_to(v, ref.shape), da, a)
+        da = zero_where(drop, da)
+    da = fmap(lambda v, ref: _sum_to(v, ref.shape), da, a)
     return da, g, d_h0, None
 
 
