@@ -426,3 +426,39 @@ def test_chunk_size_that_cannot_work_raises(case, bad):
         params = rec.init(jax.random.key(0), D_IN)
         for mode in rec.modes:
             rec.apply(params, jnp.ones((B, T, D_IN)), mode=mode)
+
+
+# --------------------------------------------------------------------------------------------
+# The harness itself: it must fail a recurrence that breaks a contract.
+
+
+def _elman_with_apply(tag, change):
+    def build(wide):
+        rec = zoo.get("elman", d_model=8 * (2 if wide else 1))
+
+        def apply(params, xs, state=None, reset=None, mode="auto", reverse=False):
+            return change(rec.apply, params, xs, state, reset, mode, reverse)
+
+        return rec._replace(apply=apply)
+
+    return Case(f"broken-elman-{tag}", build)
+
+
+def _ignore_reset(apply, params, xs, state, reset, mode, reverse):
+    return apply(params, xs, state=state, mode=mode, reverse=reverse)
+
+
+def _detach_state(apply, params, xs, state, reset, mode, reverse):
+    state = jax.lax.stop_gradient(state) if state is not None else None
+    return apply(params, xs, state=state, reset=reset, mode=mode, reverse=reverse)
+
+
+def test_harness_fails_a_recurrence_that_ignores_reset():
+    with pytest.raises(AssertionError, match="outputs"):
+        test_reset_equals_running_segments_separately(_elman_with_apply("reset", _ignore_reset),
+                                                      "sequential", True)
+
+
+def test_harness_fails_a_recurrence_whose_gradient_skips_the_initial_state():
+    with pytest.raises(AssertionError, match="gradient wrt initial_state"):
+        test_step_fold_equals_apply_with_gradients(_elman_with_apply("grad", _detach_state), "sequential")
