@@ -9,8 +9,10 @@ after two warm-up calls. Effective bandwidth counts the bytes a perfect single p
 b read and h written, 3·B·T·D·4 bytes, for both columns (the backward pass moves more, so its figure
 is a throughput, not a bandwidth). Two baselines are measured in the same run: a numpy copy of one
 [B, T, D] array (memory bandwidth of this machine), and ``lax.scan`` over time behind the transposes
-that the [B, T, D] layout needs (the form ENV-NOTES §3, §10 measured). The table goes to stdout and
-the same numbers to a JSON file under experiments/bench/results/.
+that the [B, T, D] layout needs (the form ENV-NOTES §3, §10 measured); and one XLA element-wise pass
+``a * b + 1`` that moves the same bytes with no recurrence, the practical ceiling for XLA on this
+machine (its ratio stays meaningful on a busy machine). The table goes to stdout and the same
+numbers to a JSON file under experiments/bench/results/.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def _cases(modes):
             cases[mode] = lambda a, b, m=log_mode: diagonal.apply_log(jnp.log(a), b, mode=m)[0]
         elif mode == "scan+transposes":
             cases[mode] = _scan_behind_transposes
+        elif mode == "elementwise":
+            cases[mode] = lambda a, b: a * b + 1.0          # same bytes, no recurrence: the roofline
         else:
             raise ValueError(f"unknown mode {mode!r}")
     return cases
@@ -89,7 +93,7 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--modes", default="sequential,associative,chunked,auto,log-sequential,"
-                        "log-associative,scan+transposes")
+                        "log-associative,scan+transposes,elementwise")
     parser.add_argument("--out", default=os.path.join(RESULTS, "diagonal.json"))
     args = parser.parse_args(argv)
 
