@@ -340,3 +340,17 @@ def test_step_errors_name_the_argument():
         diagonal.step(x, x, np.ones((B, F + 1), np.float32))
     with pytest.raises(ValueError, match=r"a_t has shape \(5,\)"):
         diagonal.step(np.ones((5,), np.float32), x, x)
+
+
+@pytest.mark.parametrize("time", [12, 14])   # 4 and 2 steps per loop iteration (T = 11 takes 1)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_sequential_multi_step_iterations_match_reference(time, reverse):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(14)
+        a = 1 / (1 + np.exp(-rng.normal(size=(F,))))              # time-invariant decay
+        data = {"b": rng.normal(size=(B, time, F)), "h0": rng.normal(size=(B, F)),
+                "w": rng.normal(size=(B, time, F)), "w_final": rng.normal(size=(B, F))}
+        kwargs = {"reverse": reverse, "reset": rng.random((B, time)) < 0.3}
+        want = _values_and_grads(diagonal.reference, data, a, **kwargs)
+        got = _values_and_grads(_apply("sequential"), data, a, **kwargs)
+        _assert_close(got, want, rtol=1e-10, atol=1e-12)
