@@ -33,7 +33,7 @@ def lstm_params(seed=0):
 
 
 def lstm_pointwise(params, pre, h):
-    i, f, z, o = jnp.split(pre + params["bias"].astype(pre.dtype), 4, axis=-1)
+    i, f, z, o = jnp.split(pre, 4, axis=-1)
     f = jax.nn.sigmoid(f + params["peep"].astype(pre.dtype) * h["c"].astype(pre.dtype))
     c = f.astype(jnp.float32) * h["c"] + (jax.nn.sigmoid(i) * jnp.tanh(z)).astype(jnp.float32)
     y = jax.nn.sigmoid(o) * jnp.tanh(c.astype(pre.dtype))
@@ -42,7 +42,7 @@ def lstm_pointwise(params, pre, h):
 
 LSTM = nonlinear.SplitCell(
     input_weight=lambda p: p["w_in"], recurrent_weight=lambda p: p["w_rec"], read=lambda h: h["h"],
-    pointwise=lstm_pointwise)
+    pointwise=lstm_pointwise, bias=lambda p: p["bias"])
 
 
 def plain_lstm(params, h, x_t):
@@ -57,7 +57,7 @@ def gru_params(seed=0):
 
 def gru_pointwise(params, pre, h):
     pre_x, pre_h = pre
-    pre_x, pre_h = pre_x + params["b_in"], pre_h + params["b_rec"]
+    pre_h = pre_h + params["b_rec"]
     r = jax.nn.sigmoid(pre_x[:, :H] + pre_h[:, :H])
     z = jax.nn.sigmoid(pre_x[:, H:2 * H] + pre_h[:, H:2 * H])
     n = jnp.tanh(pre_x[:, 2 * H:] + r * pre_h[:, 2 * H:])
@@ -67,7 +67,7 @@ def gru_pointwise(params, pre, h):
 
 GRU = nonlinear.SplitCell(input_weight=lambda p: p["w_in"],
                           recurrent_weight=lambda p: p["w_rec"], read=lambda h: h,
-                          pointwise=gru_pointwise, separate=True)
+                          pointwise=gru_pointwise, separate=True, bias=lambda p: p["b_in"])
 
 
 def lstm_state(seed):

@@ -86,7 +86,6 @@ def build(config: GRUConfig):
 
     def pointwise(params, pre, h):
         pre_x, pre_h = pre
-        pre_x = pre_x + params["bias_in"].astype(pre_x.dtype)
         pre_h = pre_h + params["bias_rec"].astype(pre_h.dtype)
         rz = jax.nn.sigmoid(pre_x[..., :2 * d] + pre_h[..., :2 * d])
         r, z = rz[..., :d], rz[..., d:]
@@ -95,7 +94,8 @@ def build(config: GRUConfig):
 
     if config.reset_after:
         cell = nonlinear.SplitCell(input_weight=lambda p: p["w_in"], recurrent_weight=lambda p: p["w_rec"],
-                                   read=lambda h: h, pointwise=pointwise, separate=True)
+                                   read=lambda h: h, pointwise=pointwise, separate=True,
+                                   bias=lambda p: p["bias_in"])
     else:
         cell = cho_cell
 

@@ -129,8 +129,7 @@ def build(config: LSTMConfig):
         return jnp.concatenate([h["h"], h["gates"]], axis=-1) if fgr else h["h"]
 
     def pointwise(params, pre, h):
-        p = cast({k: v for k, v in params.items() if k == "bias" or k.startswith("peep_")}, pre.dtype)
-        pre = pre + p["bias"]
+        p = cast({k: v for k, v in params.items() if k.startswith("peep_")}, pre.dtype)
         c_prev = h["c"]
         c_prev_lo = c_prev.astype(pre.dtype)
         gate = {}
@@ -156,7 +155,7 @@ def build(config: LSTMConfig):
         return new, y
 
     cell = nonlinear.SplitCell(input_weight=lambda p: p["w_in"], recurrent_weight=recurrent_weight,
-                               read=read, pointwise=pointwise)
+                               read=read, pointwise=pointwise, bias=lambda p: p["bias"])
 
     def initial_state(params, batch):
         state = {"h": jnp.zeros((batch, d), jnp.float32), "c": jnp.zeros((batch, d), jnp.float32)}
