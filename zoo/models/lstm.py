@@ -44,7 +44,8 @@ Changes from the paper: the gate order inside the fused matrices follows torch s
 convert by transposition; the forget-gate bias starts at +1 (Gers et al.; Jozefowicz et al.), which
 the paper's initialisation does not do; ``w_rec`` starts orthogonal. The cell update runs in float32
 whatever the compute dtype, since c is the long-term memory. Engine: nonlinear, as a ``SplitCell``
-(one fused [x] @ w_in and [h] @ w_rec product per step, the rest pointwise).
+(one fused [x_t, h] @ [w_in; w_rec] product per step, the rest pointwise; the weight gradients are
+single products over all steps after the backward loop).
 """
 
 from __future__ import annotations

@@ -13,11 +13,19 @@ Two kinds of cell:
   inputs, differentiated by JAX's own scan transpose;
 * a ``SplitCell``, whose state enters through one matrix product followed by a pointwise map
   (LSTM, GRU with the reset gate after the product, Elman). It runs on the batch-major arrays
-  without transposing them, and has a hand-written backward pass (``jax.custom_vjp``): the reverse
-  loop carries only the state cotangent and produces the pre-activation cotangents ``dpre``
-  [B, T, G]; the gradients of the input projection, of the inputs and of the recurrent matrix are
-  then a few large matrix products over all B·T rows at once, instead of T small accumulations
-  inside the loop. The forward pass saves only ``pre`` and the state entering each step.
+  without transposing them (strided reads and in-place writes at step t), with one fused
+  [x_t, h] @ [W_in; W_rec] product per step, and has a hand-written backward pass
+  (``jax.custom_vjp``): the reverse loop carries only the state cotangent, does one
+  [B, G] x [G, R] product per step and stores the pre-activation cotangents ``dpre`` [B, T, G];
+  the gradients of W_in, W_rec, the bias and the inputs are then single products (or a sum) over
+  all B·T rows, instead of T small accumulations inside the loop. The forward pass saves only
+  ``pre`` and the state entering each step. Gradients equal those of the plain loop up to float
+  rounding (tests/ops/test_nonlinear.py). Being a ``custom_vjp``, this path supports reverse-mode
+  differentiation (``grad``, ``vjp``, also of ``grad``) but not forward mode (``jvp``, ``jacfwd``);
+  pass the cell as a plain callable (``lambda p, h, x: cell(p, h, x)``) for forward mode.
+
+On XLA CPU (2 cores, B=32, T=256, D=256) this path is what makes zoo's LSTM faster than flax.nnx's
+and JAX's textbook ``lax.scan`` layer; see experiments/bench/lstm.py.
 """
 
 from __future__ import annotations
