@@ -6,7 +6,8 @@
     state, y_t = rec.step(params, state, x_t)    # recurrent mode
 
 Combinators (``zoo.stack``, ``zoo.residual``, ``zoo.bidirectional``) return a ``Recurrence`` too;
-``zoo.nn`` (imported on first use) holds the Flax NNX shells.
+``zoo.nn`` (imported on first use) holds the Flax NNX shells and ``zoo.convert.from_torch``
+reads PyTorch RNN modules.
 """
 
 from zoo.combinators import bidirectional, residual, stack
@@ -18,9 +19,10 @@ __all__ = ["ModelInfo", "Recurrence", "bidirectional", "get", "list_models", "ma
 
 
 def __getattr__(name):
-    # zoo.nn imports Flax; load it on first use so that the functional core needs no Flax.
-    if name == "nn":
+    # zoo.nn imports Flax and zoo.convert reads torch modules: load them on first use so that the
+    # functional core needs neither.
+    if name in ("nn", "convert"):
         import importlib
 
-        return importlib.import_module("zoo.nn")
+        return importlib.import_module(f"zoo.{name}")
     raise AttributeError(f"module 'zoo' has no attribute {name!r}")

@@ -44,14 +44,6 @@ def _mode_for(rec: Recurrence, mode: str) -> str:
     return mode if mode in rec.modes else AUTO
 
 
-def _width_of(rec: Recurrence, params, d_in: int) -> int:
-    """Output width of ``rec``; a non-causal recurrence has no ``step``, so ask ``apply`` instead."""
-    if rec.causal:
-        return output_width(rec, params, d_in)
-    ys = jax.eval_shape(lambda p: rec.apply(p, jnp.zeros((1, 1, d_in), jnp.float32))[0], params)
-    return int(ys.shape[-1])
-
-
 def norm_init(kind: str, d: int) -> dict:
     if kind == "rms":
         return {"scale": jnp.ones((d,), jnp.float32)}
@@ -118,7 +110,7 @@ def stack(*recs: Recurrence) -> Recurrence:
         for rec, k in zip(recs, jax.random.split(key, len(recs)), strict=True):
             p = rec.init(k, d_in)
             params.append(p)
-            d_in = _width_of(rec, p, d_in)
+            d_in = output_width(rec, p, d_in)
         return tuple(params)
 
     def initial_state(params, batch):
@@ -172,7 +164,7 @@ def residual(mixer: Recurrence, *, mlp_ratio: float = 4, norm: str = "rms",
     def init(key, d_in):
         k_mix, k_proj, k_mlp = jax.random.split(key, 3)
         params = {"mixer_norm": norm_init(norm, d_in), "mixer": mixer.init(k_mix, d_in)}
-        d_mix = _width_of(mixer, params["mixer"], d_in)
+        d_mix = output_width(mixer, params["mixer"], d_in)
         if d_mix != d_in:
             params["out_proj"] = dense_init(k_proj, d_mix, d_in)
         if mlp_ratio > 0:
@@ -233,8 +225,8 @@ def bidirectional(forward: Recurrence, backward: Recurrence | None = None,
         k_f, k_b = jax.random.split(key)
         params = {"forward": forward.init(k_f, d_in), "backward": backward.init(k_b, d_in)}
         if merge == "sum":
-            d_f = _width_of(forward, params["forward"], d_in)
-            d_b = _width_of(backward, params["backward"], d_in)
+            d_f = output_width(forward, params["forward"], d_in)
+            d_b = output_width(backward, params["backward"], d_in)
             if d_f != d_b:
                 raise ValueError(f"{name}: merge='sum' needs equal widths, but forward gives {d_f} "
                                  f"and backward gives {d_b}")

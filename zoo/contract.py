@@ -20,7 +20,8 @@ tracing error can surface.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +94,7 @@ def check_state(name: str, arg: str, state, expected) -> None:
             f"{name}: {arg} has structure {got_def} but this model's state is {want_def}; "
             f"was it made by another model or config?"
         )
-    for i, (got, want) in enumerate(zip(jax.tree.leaves(state), jax.tree.leaves(expected))):
+    for i, (got, want) in enumerate(zip(jax.tree.leaves(state), jax.tree.leaves(expected), strict=True)):
         if _shape(got) != tuple(want.shape):
             raise ValueError(
                 f"{name}: {arg} leaf {i} has shape {_shape(got)} but this model's state needs "
@@ -115,12 +116,19 @@ def as_state_dtype(state: State) -> State:
 
 
 def output_width(rec: Recurrence, params: Params, d_in: int) -> int:
-    """The width of ``rec``'s outputs for inputs of width ``d_in``, found without computing."""
-    def one_step():
-        state = rec.initial_state(params, 1)
-        return rec.step(params, state, jnp.zeros((1, d_in), jnp.float32))[1]
+    """The width of ``rec``'s outputs for inputs of width ``d_in``, found without computing.
 
-    return int(jax.eval_shape(one_step).shape[-1])
+    A causal recurrence is asked through one ``step``; a non-causal one (no ``step``) through
+    ``apply`` on a single time step.
+    """
+    if rec.causal:
+        def probe(p):
+            return rec.step(p, rec.initial_state(p, 1), jnp.zeros((1, d_in), jnp.float32))[1]
+    else:
+        def probe(p):
+            return rec.apply(p, jnp.zeros((1, 1, d_in), jnp.float32))[0]
+
+    return int(jax.eval_shape(probe, params).shape[-1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from zoo.contract import Recurrence
 
-_REGISTRY: dict[str, "ModelInfo"] = {}
+_REGISTRY: dict[str, ModelInfo] = {}
 _LOADED = False
 
 
