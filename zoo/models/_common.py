@@ -5,6 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from zoo.contract import Recurrence, make_recurrence
+from zoo.ops import nonlinear
+
 
 def dense_init(key: jax.Array, d_in: int, d_out: int) -> jax.Array:
     """LeCun-normal [d_in, d_out]: unit-variance pre-activations for unit-variance inputs."""
@@ -21,3 +24,16 @@ def orthogonal_init(key: jax.Array, d: int, n_blocks: int = 1) -> jax.Array:
 def cast(params, dtype):
     """Params in the compute dtype (the dtype of the inputs); states stay float32 elsewhere."""
     return jax.tree.map(lambda p: p.astype(dtype), params)
+
+
+def cell_recurrence(name: str, cell, *, init, initial_state, input_width, default_d_in: int) -> Recurrence:
+    """The Recurrence of a cell run by the nonlinear engine (elman, lstm, gru, ...)."""
+
+    def step(params, h, x_t):
+        return nonlinear.step(cell, params, h, x_t)
+
+    def apply(params, xs, h, reset, mode, reverse):
+        return nonlinear.apply(cell, params, xs, initial_state=h, reset=reset, reverse=reverse, mode=mode)
+
+    return make_recurrence(name, init=init, initial_state=initial_state, step=step, apply=apply,
+                           input_width=input_width, modes=nonlinear.MODES, default_d_in=default_d_in)

@@ -5,7 +5,8 @@ Paper: J. L. Elman, "Finding Structure in Time" (Cognitive Science, 1990); the R
 
     h_t = φ(W x_t + U h_{t-1} + b),   φ ∈ {tanh, relu},   y_t = h_t
 
-State: h [B, D] (D = d_model). Engine: nonlinear (lax.scan).
+State: h [B, D] (D = d_model). Engine: nonlinear, as a ``SplitCell`` (input product, recurrent
+product, pointwise activation), so it gets the engine's structured backward pass.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from zoo.contract import make_recurrence
-from zoo.models._common import cast, dense_init, orthogonal_init
+from zoo.models._common import cell_recurrence, dense_init, orthogonal_init
 from zoo.ops import nonlinear
 from zoo.registry import register
 
@@ -47,20 +47,16 @@ def build(config: ElmanConfig):
         w_rec = jnp.eye(d) if config.activation == "relu" else orthogonal_init(k_rec, d)
         return {"w_in": dense_init(k_in, d_in, d), "w_rec": w_rec, "bias": jnp.zeros((d,))}
 
-    def cell(params, h, x_t):
-        p = cast(params, x_t.dtype)
-        h_new = phi(x_t @ p["w_in"] + h.astype(x_t.dtype) @ p["w_rec"] + p["bias"])
+    def pointwise(params, pre, h):
+        h_new = phi(pre)
         return h_new.astype(jnp.float32), h_new
+
+    # A SplitCell: the engine fuses [x_t, h] @ [W_in; W_rec] and hoists the weight gradients.
+    cell = nonlinear.SplitCell(input_weight=lambda p: p["w_in"], recurrent_weight=lambda p: p["w_rec"],
+                               read=lambda h: h, pointwise=pointwise, bias=lambda p: p["bias"])
 
     def initial_state(params, batch):
         return jnp.zeros((batch, d), jnp.float32)
 
-    def step(params, h, x_t):
-        return nonlinear.step(cell, params, h, x_t)
-
-    def apply(params, xs, h, reset, mode, reverse):
-        return nonlinear.apply(cell, params, xs, initial_state=h, reset=reset, reverse=reverse, mode=mode)
-
-    return make_recurrence("elman", init=init, initial_state=initial_state, step=step, apply=apply,
-                           input_width=lambda p: p["w_in"].shape[0], modes=nonlinear.MODES,
-                           default_d_in=d)
+    return cell_recurrence("elman", cell, init=init, initial_state=initial_state,
+                           input_width=lambda p: p["w_in"].shape[0], default_d_in=d)

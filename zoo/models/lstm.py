@@ -55,8 +55,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from zoo.contract import make_recurrence
-from zoo.models._common import cast, dense_init, orthogonal_init
+from zoo.models._common import cast, cell_recurrence, dense_init, orthogonal_init
 from zoo.ops import nonlinear
 from zoo.registry import register
 
@@ -164,12 +163,5 @@ def build(config: LSTMConfig):
             state["gates"] = jnp.zeros((batch, 3 * d), jnp.float32)
         return state
 
-    def step(params, h, x_t):
-        return nonlinear.step(cell, params, h, x_t)
-
-    def apply(params, xs, h, reset, mode, reverse):
-        return nonlinear.apply(cell, params, xs, initial_state=h, reset=reset, reverse=reverse, mode=mode)
-
-    return make_recurrence("lstm", init=init, initial_state=initial_state, step=step, apply=apply,
-                           input_width=lambda p: p["w_in"].shape[0], modes=nonlinear.MODES,
-                           default_d_in=d)
+    return cell_recurrence("lstm", cell, init=init, initial_state=initial_state,
+                           input_width=lambda p: p["w_in"].shape[0], default_d_in=d)

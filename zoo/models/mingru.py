@@ -83,31 +83,45 @@ def project(params: dict, x: jax.Array, name: str) -> jax.Array:
     return x @ w + b
 
 
-def run_diagonal(coefficients, log_coefficients, params, xs, h, reset, mode, reverse):
-    """The one engine call of minGRU and minLSTM, in a linear mode or a log-space mode.
+def min_rnn_recurrence(name: str, config, gate_names: tuple[str, ...], coefficients, log_coefficients):
+    """The Recurrence shared by minGRU and minLSTM: projections, then one diagonal-engine call.
 
-    ``coefficients(params, xs) -> (a, b)`` and ``log_coefficients(params, xs) -> (log_a, log_b)``,
-    each [B, T, D]. Returns ``(ys [B, T, D] in the compute dtype, final state [B, D] float32)``.
+    ``coefficients(params, x) -> (a, b)`` and ``log_coefficients(params, x) -> (log_a, log_b)``
+    map inputs [..., d_in] to the recurrence h_t = a_t ⊙ h_{t-1} + b_t. The log modes run
+    ``diagonal.apply_log`` (only with the positive candidate, where b > 0); the others ``apply``.
     """
-    if mode in LOG_MODES:
-        log_a, log_b = log_coefficients(params, xs)
-        hs, final = diagonal.apply_log(log_a, log_b=log_b, initial_state=h, reset=reset, reverse=reverse,
-                                       mode=mode.removeprefix("log_"))
-    else:
-        a, b = coefficients(params, xs)
-        hs, final = diagonal.apply(a, b, initial_state=h, reset=reset, reverse=reverse, mode=mode)
-    return hs.astype(xs.dtype), final
+    d = config.d_model
+    modes = MODES if config.positive_candidate else diagonal.MODES
+
+    def init(key, d_in):
+        return init_projections(key, d_in, d, gate_names)
+
+    def initial_state(params, batch):
+        return jnp.zeros((batch, d), jnp.float32)
+
+    def step(params, h, x_t):
+        h_new = diagonal.step(*coefficients(params, x_t), h)
+        return h_new, h_new.astype(x_t.dtype)
+
+    def apply(params, xs, h, reset, mode, reverse):
+        if mode in LOG_MODES:
+            log_a, log_b = log_coefficients(params, xs)
+            hs, final = diagonal.apply_log(log_a, log_b=log_b, initial_state=h, reset=reset,
+                                           reverse=reverse, mode=mode.removeprefix("log_"))
+        else:
+            a, b = coefficients(params, xs)
+            hs, final = diagonal.apply(a, b, initial_state=h, reset=reset, reverse=reverse, mode=mode)
+        return hs.astype(xs.dtype), final
+
+    return make_recurrence(name, init=init, initial_state=initial_state, step=step, apply=apply,
+                           input_width=lambda p: p[f"w_{gate_names[0]}"].shape[0], modes=modes,
+                           default_d_in=d)
 
 
 @register("mingru", config=MinGRUConfig, paper="Were RNNs All We Needed?", engine="diagonal",
           modes=MODES, state_size=lambda c: c.d_model)
 def build(config: MinGRUConfig):
-    d = config.d_model
     candidate = positive_candidate if config.positive_candidate else (lambda v: v)
-    modes = MODES if config.positive_candidate else diagonal.MODES
-
-    def init(key, d_in):
-        return init_projections(key, d_in, d, ("z", "h"))
 
     def coefficients(params, x):
         k = project(params, x, "z")
@@ -119,15 +133,4 @@ def build(config: MinGRUConfig):
         k, v = wide(project(params, x, "z")), wide(project(params, x, "h"))
         return -jax.nn.softplus(k), -jax.nn.softplus(-k) + log_positive_candidate(v)
 
-    def initial_state(params, batch):
-        return jnp.zeros((batch, d), jnp.float32)
-
-    def step(params, h, x_t):
-        h_new = diagonal.step(*coefficients(params, x_t), h)
-        return h_new, h_new.astype(x_t.dtype)
-
-    def apply(params, xs, h, reset, mode, reverse):
-        return run_diagonal(coefficients, log_coefficients, params, xs, h, reset, mode, reverse)
-
-    return make_recurrence("mingru", init=init, initial_state=initial_state, step=step, apply=apply,
-                           input_width=lambda p: p["w_z"].shape[0], modes=modes, default_d_in=d)
+    return min_rnn_recurrence("mingru", config, ("z", "h"), coefficients, log_coefficients)

@@ -30,16 +30,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from zoo.contract import make_recurrence
 from zoo.models.mingru import (
     MODES,
-    init_projections,
     log_positive_candidate,
+    min_rnn_recurrence,
     positive_candidate,
     project,
-    run_diagonal,
 )
-from zoo.ops import diagonal
 from zoo.registry import register
 
 
@@ -56,12 +53,7 @@ class MinLSTMConfig:
 @register("minlstm", config=MinLSTMConfig, paper="Were RNNs All We Needed?", engine="diagonal",
           modes=MODES, state_size=lambda c: c.d_model)
 def build(config: MinLSTMConfig):
-    d = config.d_model
     candidate = positive_candidate if config.positive_candidate else (lambda v: v)
-    modes = MODES if config.positive_candidate else diagonal.MODES
-
-    def init(key, d_in):
-        return init_projections(key, d_in, d, ("f", "i", "h"))
 
     def coefficients(params, x):
         # With d = log(i / f): f' = f / (f + i) = σ(-d) and i' = σ(d).
@@ -76,15 +68,4 @@ def build(config: MinLSTMConfig):
         v = wide(project(params, x, "h"))
         return -jax.nn.softplus(odds), -jax.nn.softplus(-odds) + log_positive_candidate(v)
 
-    def initial_state(params, batch):
-        return jnp.zeros((batch, d), jnp.float32)
-
-    def step(params, h, x_t):
-        h_new = diagonal.step(*coefficients(params, x_t), h)
-        return h_new, h_new.astype(x_t.dtype)
-
-    def apply(params, xs, h, reset, mode, reverse):
-        return run_diagonal(coefficients, log_coefficients, params, xs, h, reset, mode, reverse)
-
-    return make_recurrence("minlstm", init=init, initial_state=initial_state, step=step, apply=apply,
-                           input_width=lambda p: p["w_f"].shape[0], modes=modes, default_d_in=d)
+    return min_rnn_recurrence("minlstm", config, ("f", "i", "h"), coefficients, log_coefficients)
