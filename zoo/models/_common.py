@@ -37,3 +37,14 @@ def cell_recurrence(name: str, cell, *, init, initial_state, input_width, defaul
 
     return make_recurrence(name, init=init, initial_state=initial_state, step=step, apply=apply,
                            input_width=input_width, modes=nonlinear.MODES, default_d_in=default_d_in)
+
+
+def check_chunk_size(model: str, chunk_size) -> None:
+    """Config check for models with a chunked mode: a positive int (T need not be a multiple)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"{model}: chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def chunk_kwargs(mode: str, chunk_size: int) -> dict:
+    """``chunk_size`` goes to the engine only in chunked mode (the engine rejects it elsewhere)."""
+    return {"chunk_size": chunk_size} if mode == "chunked" else {}

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.contract import make_recurrence
-from zoo.models._common import cast, dense_init
+from zoo.models._common import cast, check_chunk_size, chunk_kwargs, dense_init
 from zoo.ops import diagonal
 from zoo.registry import register
 
@@ -57,8 +57,10 @@ class LRUConfig:
     r_max: float = 0.999
     max_phase: float = 2 * math.pi
     learn_gamma: bool = True
+    chunk_size: int = 64  # steps per chunk in mode="chunked"
 
     def __post_init__(self):
+        check_chunk_size("lru", self.chunk_size)
         if self.d_model <= 0 or self.d_state <= 0:
             raise ValueError(f"lru: d_model and d_state must be positive, got d_model={self.d_model}, "
                              f"d_state={self.d_state}")
@@ -142,7 +144,7 @@ def build(config: LRUConfig):
 
     def apply(params, us, x0, reset, mode, reverse):
         xs, final = diagonal.apply(eigenvalues(params), drive(params, us), initial_state=x0, reset=reset,
-                                   reverse=reverse, mode=mode)
+                                   reverse=reverse, mode=mode, **chunk_kwargs(mode, config.chunk_size))
         return readout(params, xs, us), final
 
     return make_recurrence("lru", init=init, initial_state=initial_state, step=step, apply=apply,

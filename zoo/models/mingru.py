@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.contract import make_recurrence
-from zoo.models._common import cast, dense_init
+from zoo.models._common import cast, check_chunk_size, chunk_kwargs, dense_init
 from zoo.ops import diagonal
 from zoo.registry import register
 
@@ -62,8 +62,10 @@ def log_positive_candidate(v: jax.Array) -> jax.Array:
 class MinGRUConfig:
     d_model: int = 32
     positive_candidate: bool = True
+    chunk_size: int = 64  # steps per chunk in mode="chunked"
 
     def __post_init__(self):
+        check_chunk_size("mingru", self.chunk_size)
         if self.d_model <= 0:
             raise ValueError(f"mingru: d_model must be positive, got {self.d_model}")
 
@@ -110,7 +112,8 @@ def min_rnn_recurrence(name: str, config, gate_names: tuple[str, ...], coefficie
                                            reverse=reverse, mode=mode.removeprefix("log_"))
         else:
             a, b = coefficients(params, xs)
-            hs, final = diagonal.apply(a, b, initial_state=h, reset=reset, reverse=reverse, mode=mode)
+            hs, final = diagonal.apply(a, b, initial_state=h, reset=reset, reverse=reverse, mode=mode,
+                                       **chunk_kwargs(mode, config.chunk_size))
         return hs.astype(xs.dtype), final
 
     return make_recurrence(name, init=init, initial_state=initial_state, step=step, apply=apply,

@@ -30,6 +30,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from zoo.models._common import check_chunk_size
 from zoo.models.mingru import (
     MODES,
     log_positive_candidate,
@@ -44,8 +45,10 @@ from zoo.registry import register
 class MinLSTMConfig:
     d_model: int = 32
     positive_candidate: bool = True
+    chunk_size: int = 64  # steps per chunk in mode="chunked"
 
     def __post_init__(self):
+        check_chunk_size("minlstm", self.chunk_size)
         if self.d_model <= 0:
             raise ValueError(f"minlstm: d_model must be positive, got {self.d_model}")
 
