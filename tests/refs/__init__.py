@@ -1,0 +1,1 @@
+"""Loaders for peer libraries' reference implementations, used by tests under the ``refs`` marker."""
