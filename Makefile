@@ -14,10 +14,16 @@ $(VENV)/.installed-base: pyproject.toml
 	touch $@
 
 # torch (the `refs` extra) is the peer reference for the parity tests; it is installed first and
-# pinned so that pip takes the CPU wheel rather than a CUDA build.
+# pinned so that pip takes the CPU wheel rather than a CUDA build. mamba-ssm has no CPU wheel and its
+# declared dependencies pull triton and transformers: it is installed alone, without building its
+# CUDA extension, and tests read its pure-torch reference functions from the source files
+# (tests/refs/mamba_ssm_reference.py), never importing the package.
 $(VENV)/.installed-test: $(VENV)/.installed-base
 	$(PIP) install --quiet "torch==2.13.0"
 	$(PIP) install --quiet -e ".[test,refs]"
+	$(PIP) install --quiet "setuptools>=70" packaging
+	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
+	  $(PIP) install --quiet --no-deps --no-build-isolation "mamba-ssm==2.3.2.post1"
 	touch $@
 
 demo: $(VENV)/.installed-base
