@@ -1,5 +1,5 @@
 """Recurrence engines: pure jnp, each with a naive ``reference``. Nothing here imports the layers above."""
 
-from zoo.ops import diagonal, nonlinear
+from zoo.ops import conv1d, diagonal, hippo, lti, nonlinear
 
-__all__ = ["diagonal", "nonlinear"]
+__all__ = ["conv1d", "diagonal", "hippo", "lti", "nonlinear"]
