@@ -1,5 +1,11 @@
-"""Recurrence engines: pure jnp, each with a naive ``reference``. Nothing here imports the layers above."""
+"""Recurrence engines: pure jnp, each with a naive ``reference``. Nothing here imports the layers above.
 
-from zoo.ops import conv1d, diagonal, hippo, lti, nonlinear
+``zoo.ops.ssd`` (Mamba-2's state-space duality) and ``zoo.ops.selective_scan`` (Mamba's selective
+scan) are functions, with the argument names of mamba_ssm; their modules are ``ssd_scan`` and
+``selective``.
+"""
 
-__all__ = ["conv1d", "diagonal", "hippo", "lti", "nonlinear"]
+from zoo.ops import conv1d, diagonal, hippo, lti, nonlinear, ssd_scan
+from zoo.ops.ssd_scan import ssd
+
+__all__ = ["conv1d", "diagonal", "hippo", "lti", "nonlinear", "ssd", "ssd_scan"]
