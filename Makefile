@@ -18,12 +18,19 @@ $(VENV)/.installed-base: pyproject.toml
 # declared dependencies pull triton and transformers: it is installed alone, without building its
 # CUDA extension, and tests read its pure-torch reference functions from the source files
 # (tests/refs/mamba_ssm_reference.py), never importing the package.
+# recurrentgemma 1.0.1 declares numpy<2.4 and absl-py<2, which would downgrade what jax, orbax and
+# chex run on here; it works with the pinned versions, so it is installed without its dependencies,
+# with the few small ones its JAX model imports (sentencepiece only for its sampler's import).
+RECURRENTGEMMA := "recurrentgemma==1.0.1" "jaxtyping==0.3.11" "typeguard==2.13.3" \
+                  "wadler_lindig==0.1.8" "sentencepiece==0.2.3"
+
 $(VENV)/.installed-test: $(VENV)/.installed-base
 	$(PIP) install --quiet "torch==2.13.0"
 	$(PIP) install --quiet -e ".[test,refs]"
 	$(PIP) install --quiet "setuptools>=70" packaging
 	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
 	  $(PIP) install --quiet --no-deps --no-build-isolation "mamba-ssm==2.3.2.post1"
+	$(PIP) install --quiet --no-deps $(RECURRENTGEMMA)
 	touch $@
 
 demo: $(VENV)/.installed-base

@@ -1,4 +1,4 @@
-"""Weight converters: PyTorch recurrent layers as zoo recurrences.
+"""Weight converters: PyTorch recurrent layers and recurrentgemma's Griffin/Hawk as zoo models.
 
     from zoo.convert import from_torch, state_from_torch, state_to_torch
 
@@ -6,7 +6,11 @@
     ys, state = rec.apply(params, xs)               # xs [B, T, input_size] -> ys [B, T, dirs * H]
     h_n = state_to_torch(torch_module, state)       # (h_n, c_n) for an LSTM, as torch lays them out
 
-torch is optional (the ``refs`` extra) and imported only inside these functions.
+    config, lm = from_recurrentgemma(rg_params, rg_config)   # recurrentgemma.jax.Griffin's Flax params
+    logits, state = zoo.models.griffin.lm_apply(config, lm, tokens)
+
+torch is optional (the ``refs`` extra) and imported only inside these functions; the recurrentgemma
+converter reads plain arrays and needs no recurrentgemma import.
 """
 
 from __future__ import annotations
@@ -177,3 +181,111 @@ def state_to_torch(module, state):
     if kind != "lstm":
         return np.stack([np.asarray(s) for s in flat])
     return np.stack([np.asarray(s["h"]) for s in flat]), np.stack([np.asarray(s["c"]) for s in flat])
+
+
+# --------------------------------------------------------------------------------------------
+# recurrentgemma (Griffin, Hawk): its Flax parameter tree -> zoo's griffin language model.
+
+
+def _rg_array(x) -> jnp.ndarray:
+    # jnp, not np: the conversion is traceable, so gradients can flow back to recurrentgemma's tree.
+    return jnp.asarray(x, jnp.float32)
+
+
+def _rg_block_kind(block_type) -> str:
+    """recurrentgemma's TemporalBlockType (or its name) -> "recurrent" / "attention"."""
+    name = getattr(block_type, "name", block_type)
+    kind = str(name).lower()
+    if kind not in ("recurrent", "attention"):
+        raise ValueError(f"from_recurrentgemma: unknown block type {block_type!r}")
+    return kind
+
+
+def from_recurrentgemma_rglru(params) -> dict:
+    """One ``recurrentgemma.jax.layers.RGLRU``'s params (``a_param``, ``input_gate``, ``a_gate``) as
+    zoo's RG-LRU layer params (``zoo.models.rglru.layer_init`` names). Only the real RG-LRU exists
+    in zoo: a complex one (``a_imag_param``) raises."""
+    params = params.get("params", params)
+    if "a_imag_param" in params:
+        raise ValueError("from_recurrentgemma: this RG-LRU is complex (lru_only_real=False); zoo's rglru is "
+                         "the real RG-LRU of the released models")
+    return {
+        "a_param": _rg_array(params["a_param"]),
+        "w_input_gate": _rg_array(params["input_gate"]["w"]),
+        "b_input_gate": _rg_array(params["input_gate"]["b"]),
+        "w_a_gate": _rg_array(params["a_gate"]["w"]),
+        "b_a_gate": _rg_array(params["a_gate"]["b"]),
+    }
+
+
+def _rg_dense(layer, w: str, b: str) -> dict:
+    out = {w: _rg_array(layer["kernel"])}
+    if "bias" in layer:
+        out[b] = _rg_array(layer["bias"])
+    return out
+
+
+def _rg_norm(layer) -> dict:
+    # recurrentgemma's RMSNorm multiplies by (scale + 1); zoo stores the multiplier itself.
+    return {"scale": _rg_array(layer["scale"]) + 1.0}
+
+
+def _rg_recurrent_block(p) -> dict:
+    return {**_rg_dense(p["linear_x"], "w_x", "b_x"), **_rg_dense(p["linear_y"], "w_y", "b_y"),
+            # Conv1D.w [K, C] already has zoo's layout: w[K-1] multiplies the current input.
+            "conv_w": _rg_array(p["conv_1d"]["w"]), "conv_b": _rg_array(p["conv_1d"]["b"]),
+            "rglru": from_recurrentgemma_rglru(p["rg_lru"]),
+            **_rg_dense(p["linear_out"], "w_out", "b_out")}
+
+
+def _rg_attention_block(p) -> dict:
+    return {"w_q": _rg_array(p["proj_q"]["kernel"]), "w_k": _rg_array(p["proj_k"]["kernel"]),
+            "w_v": _rg_array(p["proj_v"]["kernel"]), **_rg_dense(p["proj_final"], "w_o", "b_o")}
+
+
+def _rg_mlp(p) -> dict:
+    up_w, up_b = _rg_array(p["ffw_up"]["w"]), _rg_array(p["ffw_up"]["b"])   # [2, D, M], [2, 1, 1, M]
+    return {"w_gate": up_w[0], "b_gate": up_b[0].reshape(-1), "w_up": up_w[1], "b_up": up_b[1].reshape(-1),
+            **_rg_dense(p["ffw_down"], "w_down", "b_down")}
+
+
+def from_recurrentgemma(params, config):
+    """``(zoo_config, lm_params)`` for recurrentgemma's JAX Griffin (or Hawk) model.
+
+    ``params`` is the Flax parameter tree of ``recurrentgemma.jax.Griffin`` (with or without the
+    outer ``{"params": ...}``), ``config`` its ``recurrentgemma.GriffinConfig``. The result runs
+    with ``zoo.models.griffin``::
+
+        from zoo.models import griffin
+        zoo_config, lm = from_recurrentgemma(params, rg_config)
+        logits, state = griffin.lm_apply(zoo_config, lm, tokens)            # [B, T, vocab]
+        state, logits_t = griffin.lm_step(zoo_config, lm, state, tokens_t)  # decoding
+
+    and gives recurrentgemma's logits for ``segment_pos = arange(T)`` (packed sequences: pass
+    ``reset = segment_pos == 0``). The backbone alone is ``zoo.get("griffin", **asdict(zoo_config))``
+    with params ``lm["backbone"]``. Weights become float32 arrays; recurrentgemma's
+    ``scan_type`` has no counterpart (zoo's ``mode`` chooses the scan).
+    """
+    from zoo.models.griffin import GriffinConfig
+
+    params = params.get("params", params)
+    kinds = tuple(_rg_block_kind(t) for t in config.block_types)
+    blocks = []
+    for i, kind in enumerate(kinds):
+        p = params[f"blocks.{i}"]
+        temporal = (_rg_recurrent_block(p["recurrent_block"]) if kind == "recurrent"
+                    else _rg_attention_block(p["attention_block"]))
+        blocks.append({"temporal_norm": _rg_norm(p["temporal_pre_norm"]), "temporal": temporal,
+                       "mlp_norm": _rg_norm(p["channel_pre_norm"]), "mlp": _rg_mlp(p["mlp_block"])})
+    conv_width = next((b["temporal"]["conv_w"].shape[0] for b, k in zip(blocks, kinds, strict=True)
+                       if k == "recurrent"), 4)
+    zoo_config = GriffinConfig(
+        d_model=int(config.width), d_rnn=int(config.lru_width or config.width),
+        d_mlp=int(config.mlp_expanded_width), n_heads=int(config.num_heads), block_types=kinds,
+        window=int(config.attention_window_size), conv_width=int(conv_width),
+        vocab_size=int(config.vocab_size),
+        scale_embeddings=bool(config.embeddings_scale_by_sqrt_dim),
+        logits_soft_cap=float(config.logits_soft_cap or 0.0))
+    lm = {"embedding": _rg_array(params["embedder"]["input_embedding"]),
+          "backbone": {"blocks": tuple(blocks), "final_norm": _rg_norm(params["final_norm"])}}
+    return zoo_config, lm

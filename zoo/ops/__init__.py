@@ -5,9 +5,9 @@ scan) are functions, with the argument names of mamba_ssm; their modules are ``s
 ``selective``.
 """
 
-from zoo.ops import conv1d, diagonal, hippo, lti, nonlinear, selective, ssd_scan
+from zoo.ops import conv1d, diagonal, hippo, lti, nonlinear, selective, softmax, ssd_scan
 from zoo.ops.selective import selective_scan, selective_state_update
 from zoo.ops.ssd_scan import ssd
 
 __all__ = ["conv1d", "diagonal", "hippo", "lti", "nonlinear", "selective", "selective_scan",
-           "selective_state_update", "ssd", "ssd_scan"]
+           "selective_state_update", "softmax", "ssd", "ssd_scan"]
