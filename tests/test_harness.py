@@ -138,17 +138,23 @@ def _where_rows(flag, fresh, carried):
 
 
 def _fold_step(rec, params, xs, state, reset, reverse):
-    """The reference: ``step`` over time; a reset swaps the carried state for ``initial_state``."""
+    """The reference: ``step`` over time; a reset swaps the carried state for ``initial_state``.
+
+    A ``lax.scan`` of ``step`` (compiled once, not once per time step): forwards the flag used at t
+    is ``reset[:, t]`` (a segment starts at t); backwards it is ``reset[:, t + 1]`` (the carry from
+    t + 1 belongs to the next segment) and the last step never resets.
+    """
     fresh = rec.initial_state(params, xs.shape[0])
-    order = range(xs.shape[1] - 1, -1, -1) if reverse else range(xs.shape[1])
-    ys = [None] * xs.shape[1]
-    for t in order:
-        # Forward, a segment starts at t; backward, the carry from t + 1 belongs to the next segment.
-        flag = reset[:, t] if not reverse else (reset[:, t + 1] if t + 1 < xs.shape[1] else None)
-        if flag is not None:
-            state = jax.tree.map(functools.partial(_where_rows, flag), fresh, state)
-        state, ys[t] = rec.step(params, state, xs[:, t])
-    return jnp.stack(ys, axis=1), state
+    flags = jnp.concatenate([reset[:, 1:], jnp.zeros_like(reset[:, :1])], axis=1) if reverse else reset
+
+    def body(state, inputs):
+        x_t, flag = inputs
+        state = jax.tree.map(functools.partial(_where_rows, flag), fresh, state)
+        return rec.step(params, state, x_t)
+
+    state, ys = jax.lax.scan(body, state, (jnp.swapaxes(xs, 0, 1), jnp.swapaxes(flags, 0, 1)),
+                             reverse=reverse)
+    return jnp.swapaxes(ys, 0, 1), state
 
 
 class Setup:
@@ -314,13 +320,16 @@ def test_vmap_over_an_extra_leading_axis_equals_a_loop(case):
     xs = jax.random.normal(keys[0], (extra, B, T, D_IN), jnp.float32)
     s0 = jax.vmap(lambda k: _perturbed(rec.initial_state(s.params, B), k))(jax.random.split(keys[1], extra))
     resets = jnp.stack([s.reset, ~s.reset, jnp.roll(s.reset, 1, axis=1)])
-    got = jax.vmap(lambda x, st, r: rec.apply(s.params, x, state=st, reset=r))(xs, s0, resets)
+    # Jitted: an eager vmap dispatches (and compiles) every batched op on its own, which costs more
+    # than compiling the whole vmapped function once.
+    got = jax.jit(jax.vmap(lambda x, st, r: rec.apply(s.params, x, state=st, reset=r)))(xs, s0, resets)
     s0_e = [jax.tree.map(functools.partial(_row, e), s0) for e in range(extra)]
     want = [s.apply(xs[e], state=s0_e[e], reset=resets[e]) for e in range(extra)]
     assert_tree_close(got, jax.tree.map(lambda *a: jnp.stack(a), *want), RTOL_F32, "vmapped apply")
     if rec.causal:
-        got = jax.vmap(lambda st, x: rec.step(s.params, st, x))(s0, xs[:, :, 0])
-        want = [rec.step(s.params, s0_e[e], xs[e, :, 0]) for e in range(extra)]
+        got = jax.jit(jax.vmap(lambda st, x: rec.step(s.params, st, x)))(s0, xs[:, :, 0])
+        step = jax.jit(rec.step)
+        want = [step(s.params, s0_e[e], xs[e, :, 0]) for e in range(extra)]
         assert_tree_close(got, jax.tree.map(lambda *a: jnp.stack(a), *want), RTOL_F32, "vmapped step")
 
 
