@@ -53,9 +53,9 @@ import jax
 import jax.numpy as jnp
 
 from zoo.contract import make_recurrence
-from zoo.models._common import check_chunk_size, dense_init
+from zoo.models._common import dense_init
 from zoo.models.mamba2 import (
-    check_ssd_widths,
+    check_ssd_config,
     conv_init,
     decay_rate,
     dt_bias_init,
@@ -85,14 +85,7 @@ class HydraConfig:
     bias: bool = False          # biases of the input and output projections
 
     def __post_init__(self):
-        check_chunk_size("hydra", self.chunk_size)
-        check_ssd_widths("hydra", self)
-        lo, hi = self.a_init_range
-        if not 0 < lo <= hi:
-            raise ValueError(f"hydra: a_init_range must satisfy 0 < low <= high, got {self.a_init_range}")
-        if not 0 < self.dt_min <= self.dt_max:
-            raise ValueError(f"hydra: need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, "
-                             f"dt_max={self.dt_max}")
+        check_ssd_config("hydra", self)
 
     @property
     def d_inner(self) -> int:

@@ -62,14 +62,7 @@ class Mamba2Config:
     bias: bool = False          # biases of the input and output projections
 
     def __post_init__(self):
-        check_chunk_size("mamba2", self.chunk_size)
-        check_ssd_widths("mamba2", self)
-        lo, hi = self.a_init_range
-        if not 0 < lo <= hi:
-            raise ValueError(f"mamba2: a_init_range must satisfy 0 < low <= high, got {self.a_init_range}")
-        if not 0 < self.dt_min <= self.dt_max:
-            raise ValueError(f"mamba2: need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, "
-                             f"dt_max={self.dt_max}")
+        check_ssd_config("mamba2", self)
 
     @property
     def d_inner(self) -> int:
@@ -80,8 +73,9 @@ class Mamba2Config:
         return self.d_inner // self.d_head
 
 
-def check_ssd_widths(model: str, c) -> None:
-    """The width checks Mamba-2 and Hydra share (their configs have the same width fields)."""
+def check_ssd_config(model: str, c) -> None:
+    """The config checks Mamba-2 and Hydra share (their configs have the same fields)."""
+    check_chunk_size(model, c.chunk_size)
     for name in ("d_model", "d_state", "d_conv", "expand", "d_head", "n_groups"):
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -91,6 +85,11 @@ def check_ssd_widths(model: str, c) -> None:
     if c.n_heads % c.n_groups:
         raise ValueError(f"{model}: the {c.n_heads} heads (expand * d_model / d_head) must be a multiple of "
                          f"n_groups = {c.n_groups}")
+    lo, hi = c.a_init_range
+    if not 0 < lo <= hi:
+        raise ValueError(f"{model}: a_init_range must satisfy 0 < low <= high, got {c.a_init_range}")
+    if not 0 < c.dt_min <= c.dt_max:
+        raise ValueError(f"{model}: need 0 < dt_min <= dt_max, got dt_min={c.dt_min}, dt_max={c.dt_max}")
 
 
 # --------------------------------------------------------------------------------------------
