@@ -110,7 +110,9 @@ def _lm(seed, config=CONFIG, dtype=jnp.float64):
 # Values.
 
 
-@pytest.mark.parametrize("mode", griffin.MODES)
+# The modes agree with each other in the harness; the other modes against float64 run with `-m slow`.
+@pytest.mark.parametrize("mode", [m if m == "sequential" else pytest.param(m, marks=pytest.mark.slow)
+                                  for m in griffin.MODES])
 def test_logits_match_the_naive_float64_model(mode):
     with jax.enable_x64(True):
         lm, tokens, reset = _lm(0)

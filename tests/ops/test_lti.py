@@ -189,7 +189,10 @@ def test_every_mode_equals_the_numpy_loop_in_float64(reverse, with_reset):
                    want, 1e-10, 1e-12)
 
 
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+# Reverse repeats forward on flipped inputs (the harness checks reverse gradients of every LTI model);
+# `pytest -m slow` runs it.
+@pytest.mark.parametrize("reverse", [pytest.param(False, id="forward"),
+                                     pytest.param(True, id="reverse", marks=pytest.mark.slow)])
 def test_every_mode_has_the_step_loops_gradients_in_float64(reverse):
     with jax.enable_x64(True):
         for system, _ in _systems(5):
