@@ -48,6 +48,7 @@ of torch's T+1 outputs); no fused kernel, ``learnable_init_states`` (pass a stat
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,7 @@ import jax.numpy as jnp
 from zoo.contract import make_recurrence
 from zoo.models._common import dense_init
 from zoo.models.mamba2 import (
-    check_ssd_config,
+    Mamba2Config,
     conv_init,
     decay_rate,
     dt_bias_init,
@@ -68,32 +69,13 @@ from zoo.registry import register
 
 
 @dataclasses.dataclass(frozen=True)
-class HydraConfig:
-    d_model: int = 16
-    d_state: int = 8            # N
-    d_conv: int = 7             # K, taps of the centred convolution
-    expand: int = 2             # E = expand * d_model
-    d_head: int = 8             # P; H = E / P heads
-    n_groups: int = 1           # G groups of (B, C) per direction
-    chunk_size: int = 8         # SSD chunk in mode="chunked" (the authors use 256)
+class HydraConfig(Mamba2Config):
+    """Mamba-2's fields; here ``d_conv`` is the width of the centred convolution, ``n_groups`` counts
+    the (B, C) groups per direction, and A starts at 1 (the authors' defaults; they use chunks of 256)."""
+
+    name: ClassVar[str] = "hydra"
+    d_conv: int = 7
     a_init_range: tuple[float, float] = (1.0, 1.0)
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    norm_eps: float = 1e-5
-    conv_bias: bool = True
-    bias: bool = False          # biases of the input and output projections
-
-    def __post_init__(self):
-        check_ssd_config("hydra", self)
-
-    @property
-    def d_inner(self) -> int:
-        return self.expand * self.d_model
-
-    @property
-    def n_heads(self) -> int:
-        return self.d_inner // self.d_head
 
 
 def centred_conv(x, kernel, bias, segment):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,9 @@ from zoo.registry import register
 
 @dataclasses.dataclass(frozen=True)
 class Mamba2Config:
+    """Mamba-2's block; Hydra's config extends it (same fields, other defaults)."""
+
+    name: ClassVar[str] = "mamba2"
     d_model: int = 16
     d_state: int = 8            # N
     d_conv: int = 4             # K, taps of the causal convolution
@@ -62,7 +66,7 @@ class Mamba2Config:
     bias: bool = False          # biases of the input and output projections
 
     def __post_init__(self):
-        check_ssd_config("mamba2", self)
+        check_ssd_config(self.name, self)
 
     @property
     def d_inner(self) -> int:
