@@ -33,20 +33,11 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from _timing import timed  # noqa: E402  (experiments/bench is the script's directory)
+
 from zoo.ops import diagonal  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def _timed(fn, args, repeats: int) -> dict[str, float]:
-    jax.block_until_ready(fn(*args))            # compile
-    jax.block_until_ready(fn(*args))            # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times)}
 
 
 def _numpy_copy_gbps(x: np.ndarray, repeats: int) -> float:
@@ -113,7 +104,7 @@ def main(argv=None):
         # w is an argument, not a closed-over constant, so XLA cannot fold the cotangent into the program.
         backward = jax.jit(jax.grad(lambda a, b, w, fn=fn: jnp.sum(fn(a, b) * w), argnums=(0, 1)))
         err = float(jnp.max(jnp.abs(forward(a, b) - reference)))
-        fwd, bwd = _timed(forward, (a, b), args.repeats), _timed(backward, (a, b, w), args.repeats)
+        fwd, bwd = timed(forward, (a, b), args.repeats), timed(backward, (a, b, w), args.repeats)
         row = {"mode": name, "fwd_ms": fwd["median_ms"], "fwd_min_ms": fwd["min_ms"],
                "fwd_bwd_ms": bwd["median_ms"], "fwd_bwd_min_ms": bwd["min_ms"],
                "fwd_gbps": bytes_moved / fwd["median_ms"] / 1e6,

@@ -19,29 +19,18 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from _timing import timed  # noqa: E402  (experiments/bench is the script's directory)
+
 import zoo  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def _timed(fn, args, repeats: int) -> dict[str, float]:
-    jax.block_until_ready(fn(*args))            # compile
-    jax.block_until_ready(fn(*args))            # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times)}
 
 
 def main(argv=None):
@@ -71,7 +60,7 @@ def main(argv=None):
     outputs = {}
     for mode in ("conv", "recurrent"):
         step = train_step(mode)
-        rows[mode] = _timed(step, (params, xs, w), args.repeats)
+        rows[mode] = timed(step, (params, xs, w), args.repeats)
         outputs[mode] = jax.jit(lambda p, x, m=mode: rec.apply(p, x, mode=m)[0])(params, xs)
         print(f"  measured {mode}", file=sys.stderr, flush=True)
     scale = float(jnp.max(jnp.abs(outputs["recurrent"])))
