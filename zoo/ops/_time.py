@@ -1,8 +1,9 @@
-"""Time-axis helpers shared by the engines: the reverse-direction meaning of ``reset``."""
+"""Time-axis helpers shared by the engines: checking ``reset`` and its meaning in reverse."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 
 def reset_for_reverse(reset: jnp.ndarray | None) -> jnp.ndarray | None:
@@ -17,3 +18,20 @@ def reset_for_reverse(reset: jnp.ndarray | None) -> jnp.ndarray | None:
         return None
     shifted = jnp.concatenate([reset[:, 1:], jnp.zeros_like(reset[:, :1])], axis=1)
     return jnp.flip(shifted, axis=1)
+
+
+def check_reset(who: str, reset, batch: int, time: int, letters: str = "[B, T]"):
+    """``reset`` is None or a bool/int array of shape [batch, time]; returns it as bool (or None).
+
+    The ValueError names the calling function (``who``) and the shapes; ``letters`` spells the
+    expected shape in the caller's own notation (mamba_ssm's layouts call time L).
+    """
+    if reset is None:
+        return None
+    shape = tuple(np.shape(reset))
+    if shape != (batch, time):
+        raise ValueError(f"{who}: reset must have shape {letters} = {(batch, time)}, got {shape}")
+    dtype = reset.dtype if hasattr(reset, "dtype") else np.asarray(reset).dtype
+    if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)):
+        raise ValueError(f"{who}: reset must be bool {letters}, got dtype {dtype}")
+    return jnp.asarray(reset).astype(bool)

@@ -91,7 +91,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from zoo.ops._time import reset_for_reverse
+from zoo.ops._time import check_reset, reset_for_reverse
 from zoo.ops.diagonal_pairs import Field, add, conj, fmap, mul, real_part, shift_from_previous, zero_where
 from zoo.ops.diagonal_sequential import scan_batch_major
 
@@ -175,18 +175,6 @@ def _check_mode(who: str, mode: str, modes) -> None:
         raise ValueError(f"{who}: mode={mode!r} is not supported; choose one of {('auto', *modes)}")
 
 
-def _check_reset(who: str, reset, batch: int, time: int):
-    if reset is None:
-        return None
-    shape = tuple(np.shape(reset))
-    if shape != (batch, time):
-        raise ValueError(f"{who}: reset must have shape [B, T] = {(batch, time)}, got {shape}")
-    dtype = reset.dtype if hasattr(reset, "dtype") else np.asarray(reset).dtype
-    if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)):
-        raise ValueError(f"{who}: reset must be bool [B, T], got dtype {dtype}")
-    return jnp.asarray(reset).astype(bool)
-
-
 def _check_decay_shape(who: str, arg: str, a_shape, b_shape):
     """The shape a is reshaped to (b's rank), or ValueError."""
     feat = b_shape[2:]
@@ -218,7 +206,7 @@ def _prepare(who: str, a, b, initial_state, reset, *, a_name: str = "a") -> _Pro
             raise ValueError(f"{who}: initial_state must have shape [B, ...] = {state_shape} to match b "
                              f"{b_shape}, got {_shape(initial_state)}")
         kinds.append(h_kind)
-    reset = _check_reset(who, reset, b_shape[0], b_shape[1])
+    reset = check_reset(who, reset, b_shape[0], b_shape[1])
 
     kind = "pair" if "pair" in kinds else "complex" if "complex" in kinds else "real"
     real_dtype = _dtype(b)

@@ -77,7 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.ops import diagonal
-from zoo.ops._time import reset_for_reverse
+from zoo.ops._time import check_reset, reset_for_reverse
 from zoo.ops.diagonal_pairs import fmap
 from zoo.ops.selective_chunks import Static, discretise, gate, readout, scan_in_chunks
 
@@ -221,7 +221,7 @@ def _prepare(who, u, delta, A, B, C, D, z, delta_bias, initial_state, reset) -> 
     skip = _optional_vector(who, "D", D, d, acc)
     bias = _optional_vector(who, "delta_bias", delta_bias, d, acc)
     h0 = _check_state(who, "initial_state", initial_state, (batch, d, n), is_complex, acc)
-    reset = _check_reset(who, reset, batch, time)
+    reset = check_reset(who, reset, batch, time, "[B, L]")
     complex_dtype = None
     if is_complex and not isinstance(given_a, (tuple, list)):
         complex_dtype = jnp.result_type(acc, jnp.complex64)
@@ -230,18 +230,6 @@ def _prepare(who, u, delta, A, B, C, D, z, delta_bias, initial_state, reset) -> 
 
 def _shape_dtype(A):
     return (A[0] if isinstance(A, tuple) else A).dtype
-
-
-def _check_reset(who: str, reset, batch: int, time: int):
-    if reset is None:
-        return None
-    shape = tuple(np.shape(reset))
-    if shape != (batch, time):
-        raise ValueError(f"{who}: reset must have shape [B, L] = {(batch, time)}, got {shape}")
-    dtype = reset.dtype if hasattr(reset, "dtype") else np.asarray(reset).dtype
-    if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)):
-        raise ValueError(f"{who}: reset must be bool [B, L], got dtype {dtype}")
-    return jnp.asarray(reset).astype(bool)
 
 
 def _state_form(h, complex_dtype):

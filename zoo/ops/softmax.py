@@ -77,7 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from zoo.ops._time import reset_for_reverse
+from zoo.ops._time import check_reset, reset_for_reverse
 
 LOCAL_MODES = ("chunked", "sequential")
 
@@ -196,17 +196,6 @@ def _check_rope(who, rope, key_dim):
         raise ValueError(f"{who}: rope must be a softmax.Rope with dims <= K = {key_dim}, got {rope!r}")
 
 
-def _check_reset(who, reset, batch, time):
-    if reset is None:
-        return None
-    if tuple(np.shape(reset)) != (batch, time):
-        raise ValueError(f"{who}: reset must have shape [B, T] = {(batch, time)}, got {np.shape(reset)}")
-    dtype = reset.dtype if hasattr(reset, "dtype") else np.asarray(reset).dtype
-    if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)):
-        raise ValueError(f"{who}: reset must be bool [B, T], got dtype {dtype}")
-    return jnp.asarray(reset).astype(bool)
-
-
 def _prepare(who, q, k, v, window, state, reset, rope):
     """Checks; returns (window, state in the accumulation dtype, reset as bool or None)."""
     _check_qkv(who, q, k, v, time_axis=True)
@@ -226,7 +215,7 @@ def _prepare(who, q, k, v, window, state, reset, rope):
                              f"(state['keys'] shape {np.shape(state['keys'])})")
         window = held
         state = jax.tree.map(lambda s: jnp.asarray(s, acc), state)
-    return int(window), state, _check_reset(who, reset, batch, time)
+    return int(window), state, check_reset(who, reset, batch, time)
 
 
 def _scale(scale, key_dim):
