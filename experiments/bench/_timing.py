@@ -1,7 +1,10 @@
-"""Timing shared by the benchmarks: compile, one warm-up call, then the median and minimum of N runs."""
+"""Shared by the benchmarks: timing (compile, one warm-up call, then the median and minimum of N runs)
+and writing the JSON record."""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 
@@ -18,3 +21,11 @@ def timed(fn, args, repeats: int) -> dict[str, float]:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times)}
+
+
+def write_result(path: str, record: dict) -> None:
+    """Write a benchmark's record as indented JSON (creating the folder) and say where."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"wrote {path}")

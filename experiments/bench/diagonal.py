@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -33,7 +32,7 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from _timing import timed  # noqa: E402  (experiments/bench is the script's directory)
+from _timing import timed, write_result  # noqa: E402  (experiments/bench is the script's directory)
 
 from zoo.ops import diagonal  # noqa: E402
 
@@ -137,10 +136,7 @@ def main(argv=None):
         "command": " ".join(["python experiments/bench/diagonal.py", *(sys.argv[1:] if argv is None
                                                                          else argv)]),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"wrote {args.out}")
+    write_result(args.out, record)
 
 
 if __name__ == "__main__":

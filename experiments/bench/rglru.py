@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from _timing import write_result  # noqa: E402  (experiments/bench is the script's directory)
 
 from zoo.convert import from_recurrentgemma_rglru  # noqa: E402
 from zoo.models import rglru  # noqa: E402
@@ -143,10 +144,7 @@ def main(argv=None):
         "when_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python experiments/bench/rglru.py", *(sys.argv[1:] if argv is None else argv)]),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"wrote {args.out}")
+    write_result(args.out, record)
 
 
 if __name__ == "__main__":

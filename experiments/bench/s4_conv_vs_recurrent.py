@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from _timing import timed  # noqa: E402  (experiments/bench is the script's directory)
+from _timing import timed, write_result  # noqa: E402  (experiments/bench is the script's directory)
 
 import zoo  # noqa: E402
 
@@ -89,10 +88,7 @@ def main(argv=None):
         "command": " ".join(["python experiments/bench/s4_conv_vs_recurrent.py",
                              *(sys.argv[1:] if argv is None else argv)]),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"wrote {args.out}")
+    write_result(args.out, record)
 
 
 if __name__ == "__main__":
