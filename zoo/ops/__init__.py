@@ -2,12 +2,28 @@
 
 ``zoo.ops.ssd`` (Mamba-2's state-space duality) and ``zoo.ops.selective_scan`` (Mamba's selective
 scan) are functions, with the argument names of mamba_ssm; their modules are ``ssd_scan`` and
-``selective``.
+``selective``. The matrix-memory ops (``linear_attention``, ``simple_gla``, ``retention``,
+``lightning_attention``, ``gla``, ``hgrn2``, ``gateloop``, ``rwkv6``, ``mlstm``) are functions with
+FLA's argument names, thin front ends to the ``matrix`` engine (module ``matrix_ops``).
 """
 
-from zoo.ops import conv1d, diagonal, hippo, lti, nonlinear, selective, softmax, ssd_scan
+from zoo.ops import conv1d, diagonal, hippo, lti, matrix, matrix_ops, nonlinear, selective, softmax, ssd_scan
+from zoo.ops.matrix_ops import (
+    gateloop,
+    gla,
+    hgrn2,
+    lightning_attention,
+    linear_attention,
+    mlstm,
+    retention,
+    rwkv6,
+    simple_gla,
+)
 from zoo.ops.selective import selective_scan, selective_state_update
 from zoo.ops.ssd_scan import ssd
 
-__all__ = ["conv1d", "diagonal", "hippo", "lti", "nonlinear", "selective", "selective_scan",
-           "selective_state_update", "softmax", "ssd", "ssd_scan"]
+__all__ = [
+    "conv1d", "diagonal", "gateloop", "gla", "hgrn2", "hippo", "lightning_attention", "linear_attention",
+    "lti", "matrix", "matrix_ops", "mlstm", "nonlinear", "retention", "rwkv6", "selective", "selective_scan",
+    "selective_state_update", "simple_gla", "softmax", "ssd", "ssd_scan",
+]

@@ -1,0 +1,57 @@
+"""Pieces shared by the matrix-memory models (linear attention, RetNet, GLA, HGRN2, GateLoop, mLSTM,
+RWKV-6, Lightning): head reshapes, per-head normalisation, and running a ``zoo.ops.matrix_ops`` op
+for one token so that ``step`` and ``apply`` share one code path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from zoo.models._common import chunk_kwargs
+
+
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+    """[..., H * D] -> [..., H, D]."""
+    return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    """[..., H, D] -> [..., H * D]."""
+    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def head_norm(x: jax.Array, scale: jax.Array, *, kind: str = "rms", eps: float = 1e-5,
+              bias: jax.Array | None = None) -> jax.Array:
+    """Normalise each head on its own over its last axis, then scale (and shift) per channel.
+
+    x [..., H, D]; scale (and bias) [H * D]. ``kind="rms"`` is RMSNorm, ``"group"`` is GroupNorm
+    with one group per head (RetNet, GLA, TransNormer), i.e. LayerNorm per head. Statistics are
+    float32 whatever x's dtype; the result has x's dtype.
+    """
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    if kind == "group":
+        x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    elif kind != "rms":
+        raise ValueError(f"head_norm: kind must be 'rms' or 'group', got {kind!r}")
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    out = merge_heads(x32) * scale.astype(jnp.float32)
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
+    return out.astype(dtype)
+
+
+def run_op(op, *args, state, reset, mode: str, reverse: bool, chunk_size: int, **kwargs):
+    """``op(*args, initial_state=state, output_final_state=True, ...)`` over a whole sequence, with
+    ``chunk_size`` passed only in chunked mode. Returns (o, final_state)."""
+    return op(*args, initial_state=state, output_final_state=True, reset=reset, reverse=reverse, mode=mode,
+              **chunk_kwargs(mode, chunk_size), **kwargs)
+
+
+def run_op_one_token(op, *args, state, **kwargs):
+    """The same op for one token: every positional argument is per token, [B, ...] without a time
+    axis; constants (RWKV-6's u, Lightning's layer index) go by keyword. The op runs its sequential
+    mode over T = 1, which is exactly one step of the recurrence."""
+    with_time = [a[:, None] for a in args]
+    o, state = op(*with_time, initial_state=state, output_final_state=True, mode="sequential", **kwargs)
+    return o[:, 0], state
