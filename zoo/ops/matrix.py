@@ -79,7 +79,7 @@ import numpy as np
 from jax import lax
 
 from zoo.ops._time import check_reset, reset_for_reverse
-from zoo.ops.matrix_chunks import DEFAULT_CHUNK_SCALAR, DEFAULT_CHUNK_VECTOR, Problem, chunked
+from zoo.ops.matrix_chunks import DEFAULT_CHUNK_SCALAR, DEFAULT_CHUNK_VECTOR, SUB_CHUNK, Problem, chunked
 
 MODES = ("chunked", "sequential", "parallel")
 NORMALIZERS = (None, "sum", "max_abs")
@@ -277,6 +277,12 @@ def _sequential(p: Problem):
     return jnp.moveaxis(o, 0, 1), m_seq, S, m
 
 
+def _one_chunk(time: int) -> int:
+    """The parallel mode's single chunk: T rounded up to whole sub-chunks (the padding is exact), so
+    that decays per key dimension still tile into sub-chunks."""
+    return -(-time // SUB_CHUNK) * SUB_CHUNK if time > SUB_CHUNK else time
+
+
 def _finish(o, m_seq, S, m, normalizer, eps, reverse, out_dtype, keep_state_form):
     """Normalise, put time back in order, cast; the final state as an array or a MatrixState."""
     n = None
@@ -310,7 +316,7 @@ def _apply(q, k, v, log_decay, log_input_gate, initial_state, reset, *, normaliz
     if mode == "sequential":
         o, m_seq, S, m = _sequential(p)
     else:
-        o, m_seq, S, m = chunked(p, chunk if mode == "chunked" else q.shape[1])
+        o, m_seq, S, m = chunked(p, chunk if mode == "chunked" else _one_chunk(q.shape[1]))
     keep_form = normalizer is not None or log_input_gate is not None
     return _finish(o, m_seq, S, m, normalizer, eps, reverse, _output_dtype(v, log_decay), keep_form)
 

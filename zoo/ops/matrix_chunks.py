@@ -39,7 +39,12 @@ import jax.numpy as jnp
 from jax import lax
 
 DEFAULT_CHUNK_SCALAR = 64
-DEFAULT_CHUNK_VECTOR = 16
+DEFAULT_CHUNK_VECTOR = 64
+SUB_CHUNK = 16          # secondary tiling for decays per key dimension (chunks that are multiples of it)
+# Largest |cumulative log decay| inside a chunk for which decays per key dimension are factored into
+# exp(b_t) exp(-b_s) (e^30 ~ 1e13: far from float32 overflow; the relative rounding of each factor
+# stays ~|b| ulp ~ 2e-6).
+FACTOR_LIMIT = 30.0
 
 
 class Problem(NamedTuple):
@@ -93,6 +98,96 @@ def _pad_time(p: Problem, pad: int) -> Problem:
                       reset=reset)
 
 
+def _shift_up(x, axis: int):
+    """x moved one step earlier along ``axis``: ``out[t] = x[t + 1]``, ``out[-1] = 0``."""
+    last = jnp.zeros_like(lax.slice_in_dim(x, 0, 1, axis=axis))
+    return jnp.concatenate([lax.slice_in_dim(x, 1, x.shape[axis], axis=axis), last], axis=axis)
+
+
+def _read_decays(L, exclusive: bool, t_axis: int):
+    """The log decays L[.., t, s, ..] a readout applies: L itself, or (exclusive) the row above, which
+    ends the decay at step t - 1."""
+    return _shift_down(L, axis=t_axis, fill=0) if exclusive else L
+
+
+def _within_sub_chunk_scores(q, k, g, exclusive: bool):
+    """``q_t · (Π_{j=s+1..t} α_j ⊙ k_s)`` for s <= t (s < t if exclusive) inside blocks of c steps:
+    q, k, g [..., c, K] -> [..., c(t), c(s)], with α = exp(g) <= 1.
+
+    The decays are running products of the step decays, built one row t at a time from the row
+    before (``P[t, s] = P[t-1, s] α_t``): a product of factors <= 1 cannot overflow, underflows only
+    towards its true value, and involves no cumulative sum at all, so no cancellation."""
+    c = q.shape[-2]
+    alpha = jnp.exp(g)
+    before_t = [(jnp.arange(c) < t)[:, None] for t in range(c + 1)]
+    rows, decay = [], jnp.zeros_like(k)
+    for t in range(c):
+        # Exclusive readout (o_t reads S_{t-1}): the decays of row t - 1, for s < t only.
+        read = jnp.where(before_t[t], decay, 0) if exclusive else None
+        # decay[s] = Π_{j=s+1..t} α_j for s < t, 1 at s = t, 0 after t.
+        decay = jnp.where(before_t[t], decay * alpha[..., t:t + 1, :], 0) + (jnp.arange(c) == t)[:, None]
+        rows.append(jnp.einsum("...k,...sk->...s", q[..., t, :], k * (read if exclusive else decay)))
+    return jnp.stack(rows, axis=-2)
+
+
+def _vector_decay_scores(q, k, g, exclusive: bool, sub: int):
+    """Scores ``q_t · (exp(Σ_{k=s+1..t} g_k) ⊙ k_s)`` for every pair (t, s) with s <= t of each chunk, for
+    decays per key dimension: q, k, g [..., C, K] -> [..., C(t), C(s)] (the caller masks segments).
+
+    The explicit [C, C, K] decay tensor would cost C K per token, so the chunk is cut into sub-chunks of
+    ``sub`` steps (FLA's secondary tiling). Between sub-chunks J > I the decay factors into three
+    parts, each the exp of a sum of log decays taken directly over its own steps (so each is <= 1
+    and nothing is a difference of cumulative sums): from the start of J to t (a cumulative sum
+    inside J), the whole sub-chunks strictly between I and J (a segsum of sub-chunk totals), and from
+    just after s to the end of I (a reversed cumulative sum inside I). The pairs inside one sub-chunk
+    use the explicit [sub, sub, K] tensor."""
+    *lead, c, dk = q.shape
+    n_sub = c // sub
+
+    def split(x):
+        return x.reshape(*lead, n_sub, sub, dk)
+
+    qs, ks, gs = split(q), split(k), split(g)                            # [.., S, c, K]
+    from_start = jnp.cumsum(gs, axis=-2)                                 # Σ_{J start..t}
+    if exclusive:
+        from_start = _shift_down(from_start, axis=from_start.ndim - 2, fill=0)
+    to_sub_end = _shift_up(jnp.flip(jnp.cumsum(jnp.flip(gs, axis=-2), axis=-2), axis=-2), axis=gs.ndim - 2)
+    totals = jnp.cumsum(gs, axis=-2)[..., -1, :]                         # [.., S, K]
+    # between[J, I] = Σ_{I<M<J} totals_M: the segsum up to J - 1, i.e. its row above.
+    between = _shift_down(segsum(totals, axis=totals.ndim - 2), axis=totals.ndim - 2, fill=0)  # [.., S, S, K]
+    earlier = jnp.tril(jnp.ones((n_sub, n_sub), bool), -1)[..., None, None]               # I < J
+    key_log = to_sub_end[..., None, :, :, :] + between[..., :, :, None, :]                # [.., J, I, c, K]
+    keys = ks[..., None, :, :, :] * _masked_exp(key_log, earlier)
+    across = jnp.einsum("...jtk,...jisk->...jtis", qs * jnp.exp(from_start), keys)        # [.., J, c, I, c]
+
+    within = _within_sub_chunk_scores(qs, ks, gs, exclusive)                              # [.., S, c, c]
+    diagonal = jnp.eye(n_sub, dtype=within.dtype)[:, None, :, None]                      # [J, 1, I, 1]
+    scores = across + within[..., :, :, None, :] * diagonal
+    return scores.reshape(*lead, c, c)
+
+
+def _vector_scores(q, k, g, b_read, exclusive: bool, sub: int):
+    """Decayed scores for decays per key dimension, [..., C, K] -> [..., C(t), C(s)] (unmasked).
+
+    When every cumulative log decay inside every chunk lies within ±FACTOR_LIMIT, the decay of a pair
+    factors exactly as exp(b_t) · exp(-b_s) with b the cumulative sum from the chunk's start, so the
+    scores are one matmul of rescaled queries and keys (GLA's chunk form): neither factor can
+    overflow, and each is rounded once, relative to itself. Otherwise (gates near 0 somewhere) the
+    sub-chunk tiling of ``_vector_decay_scores`` runs, which never exponentiates a positive sum. The
+    choice is one ``lax.cond`` on the whole batch; under ``vmap`` it becomes a select of both."""
+    b = jnp.cumsum(g, axis=-2)
+    real = lambda x: jnp.real(x) if jnp.iscomplexobj(x) else x
+    safe = jnp.all(jnp.abs(real(b)) <= FACTOR_LIMIT)
+
+    def factored(q, k, g, b, b_read):
+        return jnp.einsum("...tk,...sk->...ts", q * jnp.exp(b_read), k * jnp.exp(-b))
+
+    def tiled(q, k, g, b, b_read):
+        return _vector_decay_scores(q, k, g, exclusive, sub)
+
+    return lax.cond(safe, factored, tiled, q, k, g, b, b_read)
+
+
 def chunked(p: Problem, chunk: int):
     """(o [B, T, H, V'], m [B, T, H] or None, S_final [B, H, K, V'], m_final [B, H] or None)."""
     batch, time, heads, _ = p.q.shape
@@ -101,6 +196,8 @@ def chunked(p: Problem, chunk: int):
     n = (time + pad) // chunk
     stabilised = p.i is not None
     vector_decay = p.g.shape[-1] > 1
+    # The largest sub-chunk up to SUB_CHUNK that divides the chunk.
+    sub_chunk = max(d for d in range(1, min(SUB_CHUNK, chunk) + 1) if chunk % d == 0)
 
     def chunks(x):            # [B, T, H, ...] -> [B, N, H, C, ...]
         return jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 2, 3)
@@ -121,21 +218,21 @@ def chunked(p: Problem, chunk: int):
     fresh = fresh[:, :, None]                                            # [B, N, 1, C]
     at_end = same[..., -1, :]                                            # s reaches the chunk's end
 
-    L = segsum(g, axis=3)                                                # [B, N, H, C, C, G]
     b = jnp.cumsum(g, axis=3)                                            # [B, N, H, C, G]
-    # Readout decays (the update decays L[-1], b[-1] are the same in both readouts).
+    b_read = _shift_down(b, axis=3, fill=0) if p.exclusive else b
     if p.exclusive:
-        L_read = _shift_down(L, axis=3, fill=0)
-        b_read = _shift_down(b, axis=3, fill=0)
         read = same & ~jnp.eye(chunk, dtype=bool)
     else:
-        L_read, b_read, read = L, b, same
+        read = same
+    # Log decay from just after s to the chunk's end, Σ_{k=s+1..C-1} g_k: a reversed cumulative sum.
+    to_end = _shift_up(jnp.flip(jnp.cumsum(jnp.flip(g, axis=3), axis=3), axis=3), axis=3)   # [B, N, H, C, G]
+    L_read = None if vector_decay else _read_decays(segsum(g[..., 0], axis=3), p.exclusive, 3)   # [B,N,H,C,C]
 
     # Stabiliser: m_t is the largest log weight reaching o_t, m_loc the largest reaching the chunk end.
     if stabilised:
         g1 = g[..., 0]                                                   # scalar decays [B, N, H, C]
-        w_read = jnp.where(read, L_read[..., 0] + log_i[..., None, :], -jnp.inf)   # [B, N, H, C, C]
-        w_end = jnp.where(at_end, L[..., -1, :, 0] + log_i, -jnp.inf)               # [B, N, H, C]
+        w_read = jnp.where(read, L_read + log_i[..., None, :], -jnp.inf)              # [B, N, H, C, C]
+        w_end = jnp.where(at_end, to_end[..., 0] + log_i, -jnp.inf)                   # [B, N, H, C]
         # Log decay since the last reset (or since the chunk start): Σ_{s in t's segment, s<=t} g_s.
         seg_decay = jnp.einsum("bnts,bnhs->bnht", same[:, :, 0].astype(g1.dtype), g1)
         m_loc = jnp.max(w_end, axis=-1)                                  # [B, N, H]
@@ -146,7 +243,7 @@ def chunked(p: Problem, chunk: int):
     if stabilised:
         weight_end = _masked_exp(w_end - m_loc[..., None], at_end)[..., None]       # [B, N, H, C, 1]
     else:
-        weight_end = _masked_exp(L[..., -1, :, :], at_end[..., None])               # [B, N, H, C, G]
+        weight_end = _masked_exp(to_end, at_end[..., None])                         # [B, N, H, C, G]
     S_loc = jnp.einsum("bnhsk,bnhsv->bnhkv", weight_end * k, v)
 
     # 2. Carry the state across chunks. Non-stabilised: S_out = decay ⊙ S_in + S_loc. Stabilised:
@@ -188,10 +285,9 @@ def chunked(p: Problem, chunk: int):
     else:
         m = None
         if vector_decay:
-            decay = _masked_exp(L_read, read[..., None])                 # [B, N, H, C, C, K]
-            scores = jnp.einsum("bnhtk,bnhsk,bnhtsk->bnhts", q, k, decay)
+            scores = jnp.where(read, _vector_scores(q, k, g, b_read, p.exclusive, sub_chunk), 0)
         else:
-            scores = jnp.einsum("bnhtk,bnhsk->bnhts", q, k) * _masked_exp(L_read[..., 0], read)
+            scores = jnp.einsum("bnhtk,bnhsk->bnhts", q, k) * _masked_exp(L_read, read)
         q_start = q * _masked_exp(b_read, keep_start[..., None])
     o = jnp.einsum("bnhts,bnhsv->bnhtv", scores, v) + jnp.einsum("bnhtk,bnhkv->bnhtv", q_start, S_in)
 
