@@ -31,6 +31,10 @@ $(VENV)/.installed-test: $(VENV)/.installed-base
 	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
 	  $(PIP) install --quiet --no-deps --no-build-isolation "mamba-ssm==2.3.2.post1"
 	$(PIP) install --quiet --no-deps $(RECURRENTGEMMA)
+	# FLA's naive references and mlstm_kernels' JAX kernels are read from their files (tests/refs/):
+	# importing fla needs triton (~1 GB) and mlstm_kernels' package imports jax_triton, so neither
+	# package is ever imported, and neither's dependencies are installed.
+	$(PIP) install --quiet --no-deps "fla-core==0.6.0" "mlstm_kernels==2.0.6"
 	touch $@
 
 demo: $(VENV)/.installed-base

@@ -10,6 +10,33 @@ import jax.numpy as jnp
 from zoo.models._common import chunk_kwargs
 
 
+def check_positive_int(model: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{model}: {name} must be a positive int, got {value!r}")
+
+
+def check_positive_ints(model: str, config, names) -> None:
+    """Config check: each named field of ``config`` is a positive int."""
+    for name in names:
+        check_positive_int(model, name, getattr(config, name))
+
+
+def check_positive_float(model: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{model}: {name} must be a positive number, got {value!r}")
+
+
+def project(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """``x @ w (+ b)`` in x's dtype (the compute dtype)."""
+    out = x @ w.astype(x.dtype)
+    return out if b is None else out + b.astype(x.dtype)
+
+
+def engine_mode(mode: str) -> str:
+    """"auto" is the chunked form with the config's chunk size (the engine's own default is larger)."""
+    return "chunked" if mode == "auto" else mode
+
+
 def split_heads(x: jax.Array, heads: int) -> jax.Array:
     """[..., H * D] -> [..., H, D]."""
     return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)

@@ -7,7 +7,19 @@ scan) are functions, with the argument names of mamba_ssm; their modules are ``s
 FLA's argument names, thin front ends to the ``matrix`` engine (module ``matrix_ops``).
 """
 
-from zoo.ops import conv1d, diagonal, hippo, lti, matrix, matrix_ops, nonlinear, selective, softmax, ssd_scan
+from zoo.ops import (
+    conv1d,
+    diagonal,
+    hgrn,
+    hippo,
+    lti,
+    matrix,
+    matrix_ops,
+    nonlinear,
+    selective,
+    softmax,
+    ssd_scan,
+)
 from zoo.ops.matrix_ops import (
     gateloop,
     gla,
@@ -23,7 +35,8 @@ from zoo.ops.selective import selective_scan, selective_state_update
 from zoo.ops.ssd_scan import ssd
 
 __all__ = [
-    "conv1d", "diagonal", "gateloop", "gla", "hgrn2", "hippo", "lightning_attention", "linear_attention",
-    "lti", "matrix", "matrix_ops", "mlstm", "nonlinear", "retention", "rwkv6", "selective", "selective_scan",
-    "selective_state_update", "simple_gla", "softmax", "ssd", "ssd_scan",
+    "conv1d", "diagonal", "gateloop", "gla", "hgrn", "hgrn2", "hippo", "lightning_attention",
+    "linear_attention", "lti", "matrix", "matrix_ops", "mlstm", "nonlinear", "retention", "rwkv6",
+    "selective",
+    "selective_scan", "selective_state_update", "simple_gla", "softmax", "ssd", "ssd_scan",
 ]
