@@ -115,19 +115,25 @@ def _within_sub_chunk_scores(q, k, g, exclusive: bool):
     q, k, g [..., c, K] -> [..., c(t), c(s)], with α = exp(g) <= 1.
 
     The decays are running products of the step decays, built one row t at a time from the row
-    before (``P[t, s] = P[t-1, s] α_t``): a product of factors <= 1 cannot overflow, underflows only
-    towards its true value, and involves no cumulative sum at all, so no cancellation."""
+    before (``P[t, s] = P[t-1, s] α_t``, a scan over the rows): a product of factors <= 1 cannot
+    overflow, underflows only towards its true value, and involves no cumulative sum at all, so no
+    cancellation."""
     c = q.shape[-2]
-    alpha = jnp.exp(g)
-    before_t = [(jnp.arange(c) < t)[:, None] for t in range(c + 1)]
-    rows, decay = [], jnp.zeros_like(k)
-    for t in range(c):
+    steps = jnp.arange(c)[:, None]
+
+    def row(decay, t):
+        # decay[s] = Π_{j=s+1..t-1} α_j for s < t on entry (row t - 1), then row t after the update.
+        before = steps < t
+        previous = jnp.where(before, decay, 0)
+        alpha_t = jnp.exp(lax.dynamic_index_in_dim(g, t, axis=g.ndim - 2))          # [..., 1, K]
+        decay = jnp.where(before, decay * alpha_t, 0) + (steps == t)
+        q_t = lax.dynamic_index_in_dim(q, t, axis=q.ndim - 2, keepdims=False)     # [..., K]
         # Exclusive readout (o_t reads S_{t-1}): the decays of row t - 1, for s < t only.
-        read = jnp.where(before_t[t], decay, 0) if exclusive else None
-        # decay[s] = Π_{j=s+1..t} α_j for s < t, 1 at s = t, 0 after t.
-        decay = jnp.where(before_t[t], decay * alpha[..., t:t + 1, :], 0) + (jnp.arange(c) == t)[:, None]
-        rows.append(jnp.einsum("...k,...sk->...s", q[..., t, :], k * (read if exclusive else decay)))
-    return jnp.stack(rows, axis=-2)
+        return decay, jnp.einsum("...k,...sk->...s", q_t, k * (previous if exclusive else decay))
+
+    # A scan over the rows (not an unrolled loop) keeps the compiled program small.
+    _, rows = lax.scan(row, jnp.zeros_like(k), jnp.arange(c))                      # [c(t), ..., c(s)]
+    return jnp.moveaxis(rows, 0, -2)
 
 
 def _vector_decay_scores(q, k, g, exclusive: bool, sub: int):
@@ -148,6 +154,9 @@ def _vector_decay_scores(q, k, g, exclusive: bool, sub: int):
         return x.reshape(*lead, n_sub, sub, dk)
 
     qs, ks, gs = split(q), split(k), split(g)                            # [.., S, c, K]
+    within = _within_sub_chunk_scores(qs, ks, gs, exclusive)                              # [.., S, c, c]
+    if n_sub == 1:
+        return within.reshape(*lead, c, c)
     from_start = jnp.cumsum(gs, axis=-2)                                 # Σ_{J start..t}
     if exclusive:
         from_start = _shift_down(from_start, axis=from_start.ndim - 2, fill=0)
@@ -159,8 +168,6 @@ def _vector_decay_scores(q, k, g, exclusive: bool, sub: int):
     key_log = to_sub_end[..., None, :, :, :] + between[..., :, :, None, :]                # [.., J, I, c, K]
     keys = ks[..., None, :, :, :] * _masked_exp(key_log, earlier)
     across = jnp.einsum("...jtk,...jisk->...jtis", qs * jnp.exp(from_start), keys)        # [.., J, c, I, c]
-
-    within = _within_sub_chunk_scores(qs, ks, gs, exclusive)                              # [.., S, c, c]
     diagonal = jnp.eye(n_sub, dtype=within.dtype)[:, None, :, None]                      # [J, 1, I, 1]
     scores = across + within[..., :, :, None, :] * diagonal
     return scores.reshape(*lead, c, c)
