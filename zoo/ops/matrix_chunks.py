@@ -241,7 +241,8 @@ def chunked(p: Problem, chunk: int):
         w_read = jnp.where(read, L_read + log_i[..., None, :], -jnp.inf)              # [B, N, H, C, C]
         w_end = jnp.where(at_end, to_end[..., 0] + log_i, -jnp.inf)                   # [B, N, H, C]
         # Log decay since the last reset (or since the chunk start): Σ_{s in t's segment, s<=t} g_s.
-        seg_decay = jnp.einsum("bnts,bnhs->bnht", same[:, :, 0].astype(g1.dtype), g1)
+        # A sum of the selected entries (not a 0/1 matmul, where 0 · -inf would give NaN).
+        seg_decay = jnp.sum(jnp.where(same, g1[..., None, :], 0), axis=-1)
         m_loc = jnp.max(w_end, axis=-1)                                  # [B, N, H]
     else:
         seg_decay = m_loc = None

@@ -68,10 +68,8 @@ def simple_gla(q, k, v, g=None, *, scale=None, initial_state=None, output_final_
 
 
 def _constant_decay(who: str, q, log_decay_per_head):
-    heads = np.shape(q)[2] if np.ndim(q) == 4 else None
-    if heads is None:
-        raise ValueError(f"{who}: q must have shape [B, T, H, K], got {np.shape(q)}")
-    batch, time = np.shape(q)[:2]
+    """A fixed log decay per head, [H], broadcast to [B, T, H] like q [B, T, H, K]."""
+    batch, time, heads = np.shape(q)[:3]
     return jnp.broadcast_to(log_decay_per_head.astype(jnp.float32), (batch, time, heads))
 
 
@@ -84,7 +82,9 @@ def retention(q, k, v, *, scale=None, initial_state=None, output_final_state: bo
               reverse: bool = False, mode: str = "auto", chunk_size=None):
     """RetNet's multi-scale retention (Y. Sun et al., "Retentive Network", 2023): simple GLA with
     the fixed decay γ_h = 1 - 2^(-5-h) of head h. xPos rotation of q and k is the caller's."""
-    g = _constant_decay("retention", q, retention_log_decay(np.shape(q)[2] if np.ndim(q) == 4 else 0))
+    if np.ndim(q) != 4:
+        raise ValueError(f"retention: q must have shape [B, T, H, K], got {np.shape(q)}")
+    g = _constant_decay("retention", q, retention_log_decay(np.shape(q)[2]))
     return simple_gla(q, k, v, g, scale=scale, initial_state=initial_state,
                       output_final_state=output_final_state, reset=reset, reverse=reverse, mode=mode,
                       chunk_size=chunk_size)
@@ -106,8 +106,9 @@ def lightning_attention(q, k, v, layer_idx: int, num_layers: int, *, scale=None,
     """Lightning Attention-2 (Z. Qin et al., 2024): linear attention with TransNormerLLM's fixed decay
     per head, computed in tiles: the intra-block part as masked attention and the inter-block part
     through the carried state, i.e. the engine's chunked mode (``chunk_size`` is the block size)."""
-    heads = np.shape(q)[2] if np.ndim(q) == 4 else 0
-    g = _constant_decay("lightning_attention", q, lightning_log_decay(heads, layer_idx, num_layers))
+    if np.ndim(q) != 4:
+        raise ValueError(f"lightning_attention: q must have shape [B, T, H, K], got {np.shape(q)}")
+    g = _constant_decay("lightning_attention", q, lightning_log_decay(np.shape(q)[2], layer_idx, num_layers))
     return simple_gla(q, k, v, g, scale=scale, initial_state=initial_state,
                       output_final_state=output_final_state, reset=reset, reverse=reverse, mode=mode,
                       chunk_size=chunk_size)
