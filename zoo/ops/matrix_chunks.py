@@ -32,6 +32,7 @@ chunk is smaller (``DEFAULT_CHUNK_VECTOR``) than the scalar-decay one (``DEFAULT
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -173,26 +174,48 @@ def _vector_decay_scores(q, k, g, exclusive: bool, sub: int):
     return scores.reshape(*lead, c, c)
 
 
-def _vector_scores(q, k, g, b_read, exclusive: bool, sub: int):
+def _factored_scores(q, k, b, b_read):
+    """GLA's chunk form: exp(b_t - b_s) = exp(b_t) exp(-b_s), b the cumulative log decay from the
+    chunk's start (b_read its readout version), so the scores are one matmul of rescaled queries and
+    keys."""
+    return jnp.einsum("...tk,...sk->...ts", q * jnp.exp(b_read), k * jnp.exp(-b))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _vector_scores(q, k, g, b, b_read, factorable, exclusive: bool, sub: int):
     """Decayed scores for decays per key dimension, [..., C, K] -> [..., C(t), C(s)] (unmasked).
 
-    When every cumulative log decay inside every chunk lies within ±FACTOR_LIMIT, the decay of a pair
-    factors exactly as exp(b_t) · exp(-b_s) with b the cumulative sum from the chunk's start, so the
-    scores are one matmul of rescaled queries and keys (GLA's chunk form): neither factor can
-    overflow, and each is rounded once, relative to itself. Otherwise (gates near 0 somewhere) the
-    sub-chunk tiling of ``_vector_decay_scores`` runs, which never exponentiates a positive sum. The
-    choice is one ``lax.cond`` on the whole batch; under ``vmap`` it becomes a select of both."""
-    b = jnp.cumsum(g, axis=-2)
-    real = lambda x: jnp.real(x) if jnp.iscomplexobj(x) else x
-    safe = jnp.all(jnp.abs(real(b)) <= FACTOR_LIMIT)
+    When every cumulative log decay b inside every chunk lies within ±FACTOR_LIMIT (``factorable``,
+    one bool for the whole batch), the factored form (``_factored_scores``) is exact to rounding:
+    neither factor can overflow, and each is rounded once, relative to itself. Otherwise (gates near 0
+    somewhere) the sub-chunk tiling of ``_vector_decay_scores`` runs, which never exponentiates a
+    positive sum. The choice is one ``lax.cond`` (under ``vmap`` a select of both). The backward pass
+    is the chosen form's VJP, recomputed from the inputs: differentiating through ``lax.cond``
+    directly keeps the residuals of both branches and runs several times slower."""
+    return lax.cond(factorable, lambda: _factored_scores(q, k, b, b_read),
+                    lambda: _vector_decay_scores(q, k, g, exclusive, sub))
 
-    def factored(q, k, g, b, b_read):
-        return jnp.einsum("...tk,...sk->...ts", q * jnp.exp(b_read), k * jnp.exp(-b))
 
-    def tiled(q, k, g, b, b_read):
-        return _vector_decay_scores(q, k, g, exclusive, sub)
+def _vector_scores_fwd(q, k, g, b, b_read, factorable, exclusive, sub):
+    return _vector_scores(q, k, g, b, b_read, factorable, exclusive, sub), (q, k, g, b, b_read, factorable)
 
-    return lax.cond(safe, factored, tiled, q, k, g, b, b_read)
+
+def _vector_scores_bwd(exclusive, sub, residuals, cotangent):
+    q, k, g, b, b_read, factorable = residuals
+
+    def through_factored():
+        dq, dk, db, db_read = jax.vjp(_factored_scores, q, k, b, b_read)[1](cotangent)
+        return dq, dk, jnp.zeros_like(g), db, db_read
+
+    def through_tiles():
+        tiled = functools.partial(_vector_decay_scores, exclusive=exclusive, sub=sub)
+        dq, dk, dg = jax.vjp(tiled, q, k, g)[1](cotangent)
+        return dq, dk, dg, jnp.zeros_like(b), jnp.zeros_like(b_read)
+
+    return (*lax.cond(factorable, through_factored, through_tiles), None)
+
+
+_vector_scores.defvjp(_vector_scores_fwd, _vector_scores_bwd)
 
 
 def chunked(p: Problem, chunk: int):
@@ -227,6 +250,7 @@ def chunked(p: Problem, chunk: int):
 
     b = jnp.cumsum(g, axis=3)                                            # [B, N, H, C, G]
     b_read = _shift_down(b, axis=3, fill=0) if p.exclusive else b
+    factorable = jnp.all(jnp.abs(jnp.real(b) if jnp.iscomplexobj(b) else b) <= FACTOR_LIMIT)
     if p.exclusive:
         read = same & ~jnp.eye(chunk, dtype=bool)
     else:
@@ -293,7 +317,8 @@ def chunked(p: Problem, chunk: int):
     else:
         m = None
         if vector_decay:
-            scores = jnp.where(read, _vector_scores(q, k, g, b_read, p.exclusive, sub_chunk), 0)
+            scores = _vector_scores(q, k, g, b, b_read, factorable, p.exclusive, sub_chunk)
+            scores = jnp.where(read, scores, 0)
         else:
             scores = jnp.einsum("bnhtk,bnhsk->bnhts", q, k) * _masked_exp(L_read, read)
         q_start = q * _masked_exp(b_read, keep_start[..., None])
