@@ -53,24 +53,27 @@ def head_norm(x: jax.Array, scale: jax.Array, *, kind: str = "rms", eps: float =
 
     x [..., H, D]; scale (and bias) [H * D]. ``kind="rms"`` is RMSNorm, ``"group"`` is GroupNorm
     with one group per head (RetNet, GLA, TransNormer), i.e. LayerNorm per head. Statistics are
-    float32 whatever x's dtype; the result has x's dtype.
+    float32 (float64 for float64 x) whatever x's dtype; the result has x's dtype.
     """
     dtype = x.dtype
-    x32 = x.astype(jnp.float32)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    x32 = x.astype(acc)
     if kind == "group":
         x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     elif kind != "rms":
         raise ValueError(f"head_norm: kind must be 'rms' or 'group', got {kind!r}")
     x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-    out = merge_heads(x32) * scale.astype(jnp.float32)
+    out = merge_heads(x32) * scale.astype(acc)
     if bias is not None:
-        out = out + bias.astype(jnp.float32)
+        out = out + bias.astype(acc)
     return out.astype(dtype)
 
 
 def run_op(op, *args, state, reset, mode: str, reverse: bool, chunk_size: int, **kwargs):
-    """``op(*args, initial_state=state, output_final_state=True, ...)`` over a whole sequence, with
-    ``chunk_size`` passed only in chunked mode. Returns (o, final_state)."""
+    """``op(*args, initial_state=state, output_final_state=True, ...)`` over a whole sequence. "auto"
+    is the chunked form with the config's ``chunk_size`` (passed only in chunked mode). Returns
+    (o, final_state)."""
+    mode = engine_mode(mode)
     return op(*args, initial_state=state, output_final_state=True, reset=reset, reverse=reverse, mode=mode,
               **chunk_kwargs(mode, chunk_size), **kwargs)
 
