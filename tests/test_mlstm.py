@@ -140,6 +140,7 @@ def test_float64_apply_matches_the_loop_to_float64_precision(mode):
         assert ys.dtype == jnp.float64
         np.testing.assert_allclose(np.asarray(ys), want_ys, rtol=1e-10, atol=1e-10 * np.max(np.abs(want_ys)))
 
+
 def test_step_matches_a_float64_loop_without_input_projection():
     """d_in = d_model: no w_in, the block's residual reads the input itself."""
     rec, params, xs, state, c = _setup(seed=1, d_in=CONFIG["d_model"])

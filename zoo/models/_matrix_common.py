@@ -37,6 +37,25 @@ def engine_mode(mode: str) -> str:
     return "chunked" if mode == "auto" else mode
 
 
+class ExpandedHeadWidths:
+    """Mixed into the configs that size keys and values as ``expand_k * d_model`` and
+    ``expand_v * d_model`` split over ``n_heads`` (GLA, GateLoop)."""
+
+    @property
+    def key_dim(self) -> int:
+        return int(self.d_model * self.expand_k)
+
+    @property
+    def value_dim(self) -> int:
+        return int(self.d_model * self.expand_v)
+
+    def check_head_widths(self, model: str) -> None:
+        for name, width in (("expand_k", self.key_dim), ("expand_v", self.value_dim)):
+            if width <= 0 or width % self.n_heads:
+                raise ValueError(f"{model}: int({name} * d_model) = {width} must be a positive multiple of "
+                                 f"n_heads = {self.n_heads}")
+
+
 def split_heads(x: jax.Array, heads: int) -> jax.Array:
     """[..., H * D] -> [..., H, D]."""
     return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)

@@ -48,6 +48,7 @@ from zoo import ops
 from zoo.contract import make_recurrence
 from zoo.models._common import check_chunk_size, dense_init
 from zoo.models._matrix_common import (
+    ExpandedHeadWidths,
     check_positive_float,
     check_positive_int,
     engine_mode,
@@ -65,7 +66,7 @@ Q_SCALE = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
-class GateLoopConfig:
+class GateLoopConfig(ExpandedHeadWidths):
     d_model: int = 16
     n_heads: int = 2
     expand_k: float = 1.0            # key width H * K = expand_k * d_model
@@ -79,18 +80,7 @@ class GateLoopConfig:
             check_positive_int("gateloop", name, getattr(self, name))
         for name in ("expand_k", "expand_v", "norm_eps"):
             check_positive_float("gateloop", name, getattr(self, name))
-        for name, width in (("expand_k", self.key_dim), ("expand_v", self.value_dim)):
-            if width <= 0 or width % self.n_heads:
-                raise ValueError(f"gateloop: int({name} * d_model) = {width} must be a positive multiple of "
-                                 f"n_heads = {self.n_heads}")
-
-    @property
-    def key_dim(self) -> int:
-        return int(self.d_model * self.expand_k)
-
-    @property
-    def value_dim(self) -> int:
-        return int(self.d_model * self.expand_v)
+        self.check_head_widths("gateloop")
 
 
 def init(key: jax.Array, d_in: int, config: GateLoopConfig) -> dict:

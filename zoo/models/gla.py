@@ -50,6 +50,7 @@ from zoo import ops
 from zoo.contract import make_recurrence
 from zoo.models._common import check_chunk_size, dense_init
 from zoo.models._matrix_common import (
+    ExpandedHeadWidths,
     check_positive_float,
     check_positive_int,
     engine_mode,
@@ -70,7 +71,7 @@ PAPER = "Gated Linear Attention Transformers with Hardware-Efficient Training"
 
 
 @dataclasses.dataclass(frozen=True)
-class GLAConfig:
+class GLAConfig(ExpandedHeadWidths):
     d_model: int = 16
     n_heads: int = 2
     expand_k: float = 0.5            # key width H * K = expand_k * d_model (FLA's default)
@@ -88,23 +89,12 @@ class GLAConfig:
             check_positive_int("gla", name, getattr(self, name))
         for name in ("expand_k", "expand_v", "gate_logit_normalizer", "norm_eps"):
             check_positive_float("gla", name, getattr(self, name))
-        for name, width in (("expand_k", self.key_dim), ("expand_v", self.value_dim)):
-            if width <= 0 or width % self.n_heads:
-                raise ValueError(f"gla: int({name} * d_model) = {width} must be a positive multiple of "
-                                 f"n_heads = {self.n_heads}")
+        self.check_head_widths("gla")
         if self.clamp_min is not None and (isinstance(self.clamp_min, bool)
                                            or not isinstance(self.clamp_min, (int, float))
                                            or not self.clamp_min < 0):
             raise ValueError(f"gla: clamp_min must be None or a negative float (a floor on log α), "
                              f"got {self.clamp_min!r}")
-
-    @property
-    def key_dim(self) -> int:
-        return int(self.d_model * self.expand_k)
-
-    @property
-    def value_dim(self) -> int:
-        return int(self.d_model * self.expand_v)
 
 
 def init(key: jax.Array, d_in: int, config: GLAConfig) -> dict:
