@@ -1,11 +1,30 @@
-"""Shared test set-up: import zoo from this checkout, and float32 matmuls at full precision."""
+"""Shared test set-up: import zoo from this checkout, float32 matmuls at full precision, no YNNPACK
+fusions in XLA:CPU, and a fixture that compiles without XLA's optimisation passes."""
 
 import os
 import sys
 
-import jax
+# XLA:CPU's experimental YNNPACK fusions (jaxlib 0.10.2) can leave a process whose next compile
+# aborts or segfaults, after some vmapped and differentiated programs (seen with zoo.ops.ssd and in
+# the harness); without them it does not. Set before jax creates its CPU backend.
+NO_YNN_FUSIONS = "--xla_cpu_experimental_ynn_fusion_type="
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {NO_YNN_FUSIONS}".strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The harness compares modes at 1e-5; keep XLA from choosing reduced-precision matmul passes.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="module")
+def quick_compile():
+    """XLA's optimisation passes off while a module runs (restored afterwards). For tests that check
+    arithmetic on small shapes, not XLA's code quality or memory use: compiling unoptimised takes
+    about half the time, and compiling is most of what those tests spend."""
+    previous = jax.config.values.get("jax_disable_most_optimizations", False)
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)

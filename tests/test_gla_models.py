@@ -19,6 +19,16 @@ import pytest
 import zoo
 from zoo.models import gateloop, gla, hgrn2
 
+# Compiling dominates these small-shape tests: XLA optimisation passes off (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
+
+# The harness checks every mode against the step loop; the loop of the paper's equations runs here in
+# the sequential mode, and in the other modes with -m slow.
+def _sequential_then_slow(modes):
+    return [pytest.param(m, marks=() if m == "sequential" else pytest.mark.slow) for m in modes]
+
+
 BATCH, T, D_IN = 2, 11, 6
 MODES = ("chunked", "parallel", "sequential")       # "auto" is "chunked" (the harness runs it)
 
@@ -120,7 +130,7 @@ GLA_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", _sequential_then_slow(MODES))
 @pytest.mark.parametrize("name", list(GLA_CONFIGS))
 def test_gla_apply_matches_a_float64_loop_of_the_layer(name, mode):
     config = gla.GLAConfig(**GLA_CONFIGS[name])
@@ -163,7 +173,7 @@ HGRN2_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", _sequential_then_slow(MODES))
 @pytest.mark.parametrize("name", list(HGRN2_CONFIGS))
 def test_hgrn2_apply_matches_a_float64_loop_of_the_layer(name, mode):
     config = hgrn2.HGRN2Config(**HGRN2_CONFIGS[name])
@@ -224,7 +234,7 @@ GATELOOP_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", _sequential_then_slow(MODES))
 @pytest.mark.parametrize("name", list(GATELOOP_CONFIGS))
 def test_gateloop_apply_matches_a_float64_complex_loop_of_the_layer(name, mode):
     config = gateloop.GateLoopConfig(**GATELOOP_CONFIGS[name])

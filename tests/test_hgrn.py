@@ -19,6 +19,9 @@ import zoo
 from zoo.models.hgrn import forget_gate
 from zoo.ops import hgrn as hgrn_ops
 
+# Compiling dominates these small-shape tests: XLA optimisation passes off (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 MODES = hgrn_ops.MODES
 B, T, D = 2, 13, 5
 RESET = np.zeros((B, T), bool)

@@ -24,6 +24,16 @@ import pytest
 
 import zoo
 
+# Compiling dominates these small-shape tests: XLA optimisation passes off (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
+
+# The harness checks every mode against the step loop; the loop of the paper's equations runs here in
+# the sequential mode, and in the other modes with -m slow.
+def _sequential_then_slow(modes):
+    return [pytest.param(m, marks=() if m == "sequential" else pytest.mark.slow) for m in modes]
+
+
 B, T, D_IN, T_SPLIT = 2, 11, 5, 4
 MODES = ("chunked", "parallel", "sequential")
 # Row 0 runs unbroken; row 1 starts a segment at 5 and a length-1 segment at 8.
@@ -207,7 +217,7 @@ def _as_model_state(name, state):
     return state
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", _sequential_then_slow(MODES))
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_apply_equals_float64_loop_from_a_random_state_with_resets_both_directions(name, mode):
     rec, c, params, xs = _setup(name)
@@ -221,7 +231,7 @@ def test_apply_equals_float64_loop_from_a_random_state_with_resets_both_directio
             _close(got, want, f"{name} {mode} reverse={reverse}: final state")
 
 
-@pytest.mark.parametrize("mode", ["chunked", "sequential"])
+@pytest.mark.parametrize("mode", _sequential_then_slow(["chunked", "sequential"]))
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_two_calls_carrying_the_state_equal_the_loop_over_the_whole(name, mode):
     """apply(x[:, :4]) then apply(x[:, 4:], state): the second call continues at position 4."""

@@ -18,6 +18,9 @@ import scipy.linalg
 
 from zoo.ops import hippo, lti
 
+# Compiling dominates these small-shape tests: XLA optimisation passes off (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 B, T, H, M = 2, 9, 3, 4          # M complex entries per channel (a real state of 2M)
 
 
@@ -189,10 +192,11 @@ def test_every_mode_equals_the_numpy_loop_in_float64(reverse, with_reset):
                    want, 1e-10, 1e-12)
 
 
-# Reverse repeats forward on flipped inputs (the harness checks reverse gradients of every LTI model);
-# `pytest -m slow` runs it.
-@pytest.mark.parametrize("reverse", [pytest.param(False, id="forward"),
-                                     pytest.param(True, id="reverse", marks=pytest.mark.slow)])
+# About a minute on 2 cores (running, not compiling): the harness checks every LTI model's gradients
+# in every mode and direction against its step loop in float32; `pytest -m slow` runs this float64
+# check (reverse repeats forward on flipped inputs).
+@pytest.mark.slow
+@pytest.mark.parametrize("reverse", [pytest.param(False, id="forward"), pytest.param(True, id="reverse")])
 def test_every_mode_has_the_step_loops_gradients_in_float64(reverse):
     with jax.enable_x64(True):
         for system, _ in _systems(5):

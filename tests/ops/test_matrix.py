@@ -18,7 +18,7 @@ Chain of trust:
 
 Compile time dominates (XLA needs 1-3 s per mode for a value-and-gradient program), so compiled
 functions are cached (``_modes_fn``, ``_float64_results``) and shared between tests, the module
-compiles with XLA's optimisation passes off (``_quick_compile``: the tests check arithmetic, and
+compiles with XLA's optimisation passes off (``quick_compile``: the tests check arithmetic, and
 this halves compile time), and the default run checks the gradients of two of the four mode
 variants (sequential, and chunked with padding) in every case forwards and in the mLSTM case
 backwards, the values of the other two in some cases (``_default_plan``); ``-m slow`` checks the
@@ -37,6 +37,8 @@ import pytest
 from zoo.ops import matrix
 from zoo.ops.matrix import MatrixState
 
+pytestmark = pytest.mark.usefixtures("quick_compile")   # tests/conftest.py
+
 B, T, H, K, V = 2, 12, 2, 3, 4
 SCALE = K ** -0.5
 EPS = 1e-6
@@ -47,16 +49,6 @@ MODE_IDS = ("sequential", "chunked5", "chunked4", "parallel")
 # What a run checks of each variant: "grads" (values and gradients), "values", or None (skipped).
 ALL_GRADS = ("grads",) * 4
 ALL_VALUES = ("values",) * 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quick_compile():
-    """XLA's optimisation passes off while this module runs (restored afterwards): these tests check
-    arithmetic, not XLA's code quality, and compiling unoptimised takes about half the time."""
-    previous = jax.config.values.get("jax_disable_most_optimizations", False)
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def _reset(batch=B, time=T):

@@ -36,14 +36,7 @@ MODES = (("sequential", None), ("chunked", 5), ("parallel", None))
 MODE_IDS = ("sequential", "chunked5", "parallel")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quick_compile():
-    """XLA's optimisation passes off while this module runs (restored afterwards): the tests check
-    arithmetic, and compiling unoptimised takes about half the time."""
-    previous = jax.config.values.get("jax_disable_most_optimizations", False)
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("quick_compile")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
