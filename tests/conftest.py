@@ -1,6 +1,7 @@
 """Shared test set-up: import zoo from this checkout, float32 matmuls at full precision, no YNNPACK
 fusions in XLA:CPU, and a fixture that compiles without XLA's optimisation passes."""
 
+import gc
 import os
 import sys
 
@@ -28,3 +29,30 @@ def quick_compile():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", previous)
+
+
+# Every compiled XLA:CPU program holds its own memory mappings, and the shared caches of the test
+# modules keep thousands of programs alive in one process. Linux refuses mappings past
+# vm.max_map_count (65530 by default), and XLA then segfaults in its next compile (seen in the
+# harness once it covered ~30 models). So when a process nears the limit, the caches are dropped and
+# programs are compiled again as needed.
+MAX_MAPPINGS = int(os.environ.get("ZOO_TEST_MAX_MAPPINGS", 40_000))
+cache_clearers = []       # test modules register their own caches' ``cache_clear`` here
+
+
+def _mappings() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:       # not Linux: no such limit to watch
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _stay_below_the_mapping_limit():
+    yield
+    if _mappings() > MAX_MAPPINGS:
+        for clear in cache_clearers:
+            clear()
+        jax.clear_caches()
+        gc.collect()

@@ -24,6 +24,7 @@ import functools
 import zlib
 from collections.abc import Callable
 
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -218,6 +219,9 @@ class Setup:
 @functools.cache
 def setup(case: Case) -> Setup:
     return Setup(case)
+
+
+conftest.cache_clearers.append(setup.cache_clear)
 
 
 def assert_tree_close(got, want, rtol, what):
