@@ -63,7 +63,8 @@ def main(argv=None):
         _, state = jax.block_until_ready(prefill(params, prompt))
         prefill_s[context] = time.perf_counter() - start
         states[context] = state
-        print(f"  prefilled {context} tokens in {prefill_s[context]:.1f} s (compile included)", file=sys.stderr)
+        print(f"  prefilled {context} tokens in {prefill_s[context]:.1f} s (compile included)",
+              file=sys.stderr)
 
     tokens = jax.random.normal(jax.random.key(1), (args.steps, 1, args.d_model), jnp.float32)
     for context in args.contexts:                                  # compile and warm up
@@ -89,7 +90,8 @@ def main(argv=None):
                      "softmax_kv_cache_bytes": kv_cache, "prefill_s_with_compile": prefill_s[context]})
     print(f"{args.layers}-layer GLA, d_model {args.d_model}, batch 1, {args.steps} decode steps per context, "
           f"load {load_before[0]:.1f}->{load_after[0]:.1f}")
-    print(f"{'context':>8s} {'step ms':>8s} {'min ms':>7s} {'ratio':>6s} {'state MB':>9s} {'KV cache MB':>12s}")
+    header = ("context", "step ms", "min ms", "ratio", "state MB", "KV cache MB")
+    print(" ".join(f"{h:>{w}s}" for h, w in zip(header, (8, 8, 7, 6, 9, 12), strict=True)))
     for r in rows:
         print(f"{r['context']:8d} {r['step_ms_median']:8.3f} {r['step_ms_min']:7.3f} "
               f"{r['ratio_to_first_context']:6.3f} {r['state_bytes'] / 2**20:9.2f} "

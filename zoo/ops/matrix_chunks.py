@@ -75,8 +75,26 @@ def segsum(g, axis: int):
     c = g.shape[-1]
     rows = jnp.broadcast_to(g[..., :, None], g.shape + (c,))            # rows[..., k, s] = g_k
     after_s = jnp.tril(jnp.ones((c, c), bool), -1)                      # k > s
-    sums = jnp.cumsum(jnp.where(after_s, rows, 0), axis=-2)             # [..., t, s]
+    sums = cumsum(jnp.where(after_s, rows, 0), axis=-2)                 # [..., t, s]
     return jnp.moveaxis(sums, (-2, -1), (axis, axis + 1))
+
+
+def cumsum(x, axis: int, reverse: bool = False):
+    """Inclusive cumulative sum along ``axis`` (from the end when ``reverse``). XLA:CPU runs a cumsum
+    of length C as a window reduction of C terms per entry; for long chunks it is done in two levels
+    (inside blocks of 8, then over the block totals), which sums exactly the same terms with 8x less
+    work."""
+    axis = axis % x.ndim
+    if reverse:
+        return jnp.flip(cumsum(jnp.flip(x, axis), axis), axis)
+    c = x.shape[axis]
+    if c <= 8 or c % 8:
+        return jnp.cumsum(x, axis=axis)
+    blocks = x.reshape(*x.shape[:axis], c // 8, 8, *x.shape[axis + 1:])
+    inside = jnp.cumsum(blocks, axis=axis + 1)
+    totals = lax.slice_in_dim(inside, 7, 8, axis=axis + 1)                       # each block's sum
+    before = _shift_down(jnp.cumsum(totals, axis=axis), axis=axis, fill=0)      # sums of earlier blocks
+    return (inside + before).reshape(x.shape)
 
 
 def _shift_down(x, axis: int, fill):
@@ -248,7 +266,7 @@ def chunked(p: Problem, chunk: int):
     fresh = fresh[:, :, None]                                            # [B, N, 1, C]
     at_end = same[..., -1, :]                                            # s reaches the chunk's end
 
-    b = jnp.cumsum(g, axis=3)                                            # [B, N, H, C, G]
+    b = cumsum(g, axis=3)                                                # [B, N, H, C, G]
     b_read = _shift_down(b, axis=3, fill=0) if p.exclusive else b
     factorable = jnp.all(jnp.abs(jnp.real(b) if jnp.iscomplexobj(b) else b) <= FACTOR_LIMIT)
     if p.exclusive:
@@ -256,7 +274,7 @@ def chunked(p: Problem, chunk: int):
     else:
         read = same
     # Log decay from just after s to the chunk's end, Σ_{k=s+1..C-1} g_k: a reversed cumulative sum.
-    to_end = _shift_up(jnp.flip(jnp.cumsum(jnp.flip(g, axis=3), axis=3), axis=3), axis=3)   # [B, N, H, C, G]
+    to_end = _shift_up(cumsum(g, axis=3, reverse=True), axis=3)                              # [B, N, H, C, G]
     L_read = None if vector_decay else _read_decays(segsum(g[..., 0], axis=3), p.exclusive, 3)   # [B,N,H,C,C]
 
     # Stabiliser: m_t is the largest log weight reaching o_t, m_loc the largest reaching the chunk end.
