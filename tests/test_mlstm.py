@@ -13,6 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from block_loop_checks import (
+    check_apply_against_loop,
+    check_float64_apply_against_loop,
+    check_step_against_loop,
+    sequential_then_slow,
+)
 
 import zoo
 from zoo.models.mlstm import MLSTMConfig
@@ -21,10 +27,6 @@ from zoo.models.mlstm import MLSTMConfig
 pytestmark = pytest.mark.usefixtures("quick_compile")
 
 
-# The harness checks every mode against the step loop; the loop of the paper's equations runs here in
-# the sequential mode, and in the other modes with -m slow.
-def _sequential_then_slow(modes):
-    return [pytest.param(m, marks=() if m == "sequential" else pytest.mark.slow) for m in modes]
 
 
 BATCH, T, D_IN = 2, 11, 5
@@ -120,50 +122,22 @@ def _setup(seed=0, d_in=D_IN, **overrides):
     return rec, params, xs, state, MLSTMConfig(**config)
 
 
-def _close(got, want, what):
-    scale = float(np.max(np.abs(want)))
-    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-4, atol=1e-5 * scale, err_msg=what)
+STATE_NAMES = ("conv window", "C", "n", "m")
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("mode", _sequential_then_slow(["chunked", "parallel", "sequential", "auto"]))
+@pytest.mark.parametrize("mode", sequential_then_slow(["chunked", "parallel", "sequential", "auto"]))
 def test_apply_matches_a_float64_loop_of_the_block(mode, reverse):
-    rec, params, xs, state, c = _setup()
-    ys, final = jax.jit(rec.apply, static_argnames=("mode", "reverse"))(
-        params, xs, state=state, reset=jnp.asarray(RESET), mode=mode, reverse=reverse)
-    want_ys, want_final = _numpy_block(params, c, xs, state, RESET, reverse)
-    _close(ys, want_ys, "outputs")
-    for got, want, what in zip(final, want_final, ("conv window", "C", "n", "m"), strict=True):
-        _close(got, want, what)
+    check_apply_against_loop(_setup, _numpy_block, STATE_NAMES, RESET, mode, reverse)
 
 
-@pytest.mark.parametrize("mode", _sequential_then_slow(["chunked", "parallel", "sequential"]))
+@pytest.mark.parametrize("mode", sequential_then_slow(["chunked", "parallel", "sequential"]))
 def test_float64_apply_matches_the_loop_to_float64_precision(mode):
-    """Under x64 the block computes in float64 (states are still returned as float32): its outputs
-    meet the loop's to 1e-10, so even terms as small as the eps constants are checked."""
-    rec, params, xs, state, c = _setup(seed=3)
-    want_ys, _ = _numpy_block(params, c, xs, state, RESET, reverse=False)
-    with jax.enable_x64(True):
-        params64 = {k: jnp.asarray(v, jnp.float64) for k, v in params.items()}
-        xs64 = jnp.asarray(xs, jnp.float64)
-        ys, _ = rec.apply(params64, xs64, state=state, reset=jnp.asarray(RESET), mode=mode)
-        assert ys.dtype == jnp.float64
-        np.testing.assert_allclose(np.asarray(ys), want_ys, rtol=1e-10, atol=1e-10 * np.max(np.abs(want_ys)))
+    check_float64_apply_against_loop(_setup, _numpy_block, RESET, mode)
 
 
 def test_step_matches_a_float64_loop_without_input_projection():
-    """d_in = d_model: no w_in, the block's residual reads the input itself."""
-    rec, params, xs, state, c = _setup(seed=1, d_in=CONFIG["d_model"])
-    assert "w_in" not in params
-    step = jax.jit(rec.step)
-    want_state = tuple(np.asarray(s, np.float64) for s in state)
-    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
-    for t in range(4):
-        state, y_t = step(params, state, xs[:, t])
-        want_state, want = _numpy_step(p, c, want_state, np.asarray(xs[:, t], np.float64))
-        _close(y_t, want, f"step {t}")
-    for got, want, what in zip(state, want_state, ("conv window", "C", "n", "m"), strict=True):
-        _close(got, want, what)
+    check_step_against_loop(_setup, _numpy_step, STATE_NAMES, CONFIG["d_model"])
 
 
 def test_init_follows_xlstm():

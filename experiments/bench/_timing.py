@@ -3,9 +3,12 @@ and writing the JSON record."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -29,3 +32,16 @@ def write_result(path: str, record: dict) -> None:
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
     print(f"wrote {path}")
+
+
+def record(benchmark: str, argv, load_before, load_after, **fields) -> dict:
+    """A result record: the benchmark's name, date, the command that reproduces it, the machine (CPU
+    count, platform, jax version and the load average before and after), then ``fields``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return {
+        "benchmark": benchmark, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": f"python experiments/bench/{benchmark}.py " + " ".join(args),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
+                    "load_before": load_before, "load_after": load_after},
+        **fields,
+    }

@@ -17,9 +17,7 @@ attention KV cache of the same width would have at that context, for scale.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,7 +28,7 @@ import jax.numpy as jnp
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from _timing import write_result  # noqa: E402  (experiments/bench is the script's directory)
+from _timing import record, write_result  # noqa: E402  (experiments/bench is the script's directory)
 
 import zoo  # noqa: E402
 
@@ -96,14 +94,8 @@ def main(argv=None):
         print(f"{r['context']:8d} {r['step_ms_median']:8.3f} {r['step_ms_min']:7.3f} "
               f"{r['ratio_to_first_context']:6.3f} {r['state_bytes'] / 2**20:9.2f} "
               f"{r['softmax_kv_cache_bytes'] / 2**20:12.1f}")
-    write_result(args.out, {
-        "benchmark": "gla_decode", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": "python experiments/bench/gla_decode.py " + " ".join(argv or sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
-                    "load_before": load_before, "load_after": load_after},
-        "config": {"d_model": args.d_model, "layers": args.layers, "steps": args.steps}, "rows": rows,
-    })
-
+    config = {"d_model": args.d_model, "layers": args.layers, "steps": args.steps}
+    write_result(args.out, record("gla_decode", argv, load_before, load_after, config=config, rows=rows))
 
 if __name__ == "__main__":
     main()

@@ -24,9 +24,7 @@ experiments/bench/results/matrix_chunked.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,7 +35,7 @@ import jax.numpy as jnp
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from _timing import write_result  # noqa: E402  (experiments/bench is the script's directory)
+from _timing import record, write_result  # noqa: E402  (experiments/bench is the script's directory)
 
 from zoo.ops import gla, mlstm  # noqa: E402
 
@@ -156,15 +154,9 @@ def main(argv=None):
         print(f"{r['impl']:44s} {r['fwd_bwd_ms']:9.1f} {r['speedup_vs_sequential']:7.2f} "
               f"{r.get('gflops', float('nan')):8.2f} {r.get('fraction_of_matmul', float('nan')):6.2f} "
               f"{r.get('speedup_vs_mlstm_kernels', float('nan')):10.2f}")
-    write_result(args.out, {
-        "benchmark": "matrix_chunked", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": "python experiments/bench/matrix_chunked.py " + " ".join(argv or sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
-                    "load_before": load_before, "load_after": load_after},
-        "shape": {"batch": args.batch, "time": args.time, "heads": args.heads, "dk": args.dk, "dv": args.dv},
-        "matmul_gflops": matmul_gflops, "rows": rows,
-    })
-
+    shape = {"batch": args.batch, "time": args.time, "heads": args.heads, "dk": args.dk, "dv": args.dv}
+    write_result(args.out, record("matrix_chunked", argv, load_before, load_after, shape=shape,
+                                  matmul_gflops=matmul_gflops, rows=rows))
 
 if __name__ == "__main__":
     main()

@@ -40,19 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.ops import diagonal
+from zoo.ops._checks import check_float
 from zoo.ops._time import check_reset
 
 MODES = diagonal.MODES
 
 
 def _check_float(who: str, arg: str, x, rank: int, letters: str) -> None:
-    dtype = getattr(x, "dtype", None)
-    if dtype is None:
-        raise TypeError(f"{who}: {arg} must be an array, got {type(x).__name__}")
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{who}: {arg} has dtype {dtype} (shape {np.shape(x)}); a float dtype is needed")
-    if np.ndim(x) != rank:
-        raise ValueError(f"{who}: {arg} must have shape {letters}, got shape {np.shape(x)}")
+    check_float(who, arg, x, rank=rank, letters=letters)
 
 
 def _check_inputs(who: str, x, g, initial_state, reset):

@@ -78,6 +78,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from zoo.ops._checks import check_float, check_positive_int, check_shape, shape_of
+from zoo.ops._checks import check_mode as resolve_mode
 from zoo.ops._time import check_reset, reset_for_reverse
 from zoo.ops.matrix_chunks import DEFAULT_CHUNK_SCALAR, DEFAULT_CHUNK_VECTOR, SUB_CHUNK, Problem, chunked
 
@@ -97,38 +99,18 @@ class MatrixState(NamedTuple):
 # Validation at the public boundary (shapes and dtypes only; nothing is traced here).
 
 
-def _shape(x) -> tuple[int, ...]:
-    return tuple(np.shape(x))
-
-
 def _check_array(who: str, arg: str, x, *, complex_ok: bool = True):
-    dtype = getattr(x, "dtype", None)
-    if dtype is None:
-        raise TypeError(f"{who}: {arg} must be an array, got {type(x).__name__}")
-    ok = jnp.issubdtype(dtype, jnp.floating) or (complex_ok and jnp.issubdtype(dtype, jnp.complexfloating))
-    if not ok:
-        kinds = "a float or complex" if complex_ok else "a float"
-        raise ValueError(f"{who}: {arg} has dtype {dtype} (shape {_shape(x)}); {kinds} dtype is needed")
-
-
-def _check_shape(who: str, arg: str, x, want, letters: str):
-    if _shape(x) != tuple(want):
-        raise ValueError(f"{who}: {arg} must have shape {letters} = {tuple(want)}, got {_shape(x)}")
+    check_float(who, arg, x, complex_ok=complex_ok)
 
 
 def check_mode(who: str, mode: str) -> str:
-    if mode == "auto":
-        return "chunked"
-    if mode not in MODES:
-        raise ValueError(f"{who}: mode={mode!r} is not supported; choose one of {('auto', *MODES)}")
-    return mode
+    return resolve_mode(who, mode, MODES, auto="chunked")
 
 
 def check_chunk_size(who: str, chunk_size, mode: str, vector_decay: bool) -> int | None:
     if chunk_size is None:
         return DEFAULT_CHUNK_VECTOR if vector_decay else DEFAULT_CHUNK_SCALAR
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
-        raise ValueError(f"{who}: chunk_size must be a positive int, got {chunk_size!r}")
+    chunk_size = check_positive_int(who, "chunk_size", chunk_size)
     if mode != "chunked":
         raise ValueError(f"{who}: chunk_size={chunk_size} is given but mode={mode!r} has no chunks")
     return int(chunk_size)
@@ -141,34 +123,35 @@ def _validate(who, q, k, v, log_decay, log_input_gate, normalizer, initial_state
         _check_array(who, arg, x)
     rank = 4 if time_axis else 3
     if np.ndim(q) != rank:
-        raise ValueError(f"{who}: q must have shape {lead}, K], got {_shape(q)}")
+        raise ValueError(f"{who}: q must have shape {lead}, K], got {shape_of(q)}")
     if time_axis:
-        batch, time, heads, dk = _shape(q)
+        batch, time, heads, dk = shape_of(q)
         if time == 0:
-            raise ValueError(f"{who}: q has shape {_shape(q)} with T = 0 steps; at least one step is needed")
+            raise ValueError(f"{who}: q has shape {shape_of(q)} with T = 0 steps; "
+                             "at least one step is needed")
         prefix = (batch, time, heads)
     else:
-        batch, heads, dk = _shape(q)
+        batch, heads, dk = shape_of(q)
         time, prefix = 1, (batch, heads)
-    _check_shape(who, "k", k, _shape(q), f"{lead}, K] like q")
-    if np.ndim(v) != rank or _shape(v)[:-1] != prefix:
-        raise ValueError(f"{who}: v must have shape {lead}, V] = {prefix + ('V',)} to match q {_shape(q)}, "
-                         f"got {_shape(v)}")
-    dv = _shape(v)[-1]
+    check_shape(who, "k", k, shape_of(q), f"{lead}, K] like q")
+    if np.ndim(v) != rank or shape_of(v)[:-1] != prefix:
+        raise ValueError(f"{who}: v must have shape {lead}, V] = {prefix + ('V',)} to match q {shape_of(q)}, "
+                         f"got {shape_of(v)}")
+    dv = shape_of(v)[-1]
     if log_decay is not None:
         _check_array(who, "log_decay", log_decay)
-        if _shape(log_decay) not in (prefix, prefix + (dk,)):
+        if shape_of(log_decay) not in (prefix, prefix + (dk,)):
             raise ValueError(f"{who}: log_decay must have shape {lead}] = {prefix} (one decay per head) "
                              f"or {lead}, K] = {prefix + (dk,)} (one per key dimension), "
-                             f"got {_shape(log_decay)}")
+                             f"got {shape_of(log_decay)}")
     if normalizer not in NORMALIZERS:
         raise ValueError(f"{who}: normalizer={normalizer!r} is not one of {NORMALIZERS}")
     if log_input_gate is not None:
         _check_array(who, "log_input_gate", log_input_gate, complex_ok=False)
-        _check_shape(who, "log_input_gate", log_input_gate, prefix, f"{lead}]")
-        if log_decay is not None and _shape(log_decay) != prefix:
+        check_shape(who, "log_input_gate", log_input_gate, prefix, f"{lead}]")
+        if log_decay is not None and shape_of(log_decay) != prefix:
             raise ValueError(f"{who}: log_input_gate needs one decay per head, log_decay {lead}] = {prefix}; "
-                             f"got log_decay {_shape(log_decay)}")
+                             f"got log_decay {shape_of(log_decay)}")
         if any(jnp.issubdtype(x.dtype, jnp.complexfloating) for x in (q, k, v, log_decay) if x is not None):
             raise ValueError(f"{who}: log_input_gate (the max-stabiliser) works with real inputs only")
     if initial_state is not None:
@@ -186,17 +169,17 @@ def _validate_state(who, state, batch, heads, dk, dv, normalizer, stabilised):
     else:
         S, n, m = state, None, None
     _check_array(who, f"{arg}.S" if isinstance(state, MatrixState) else arg, S)
-    _check_shape(who, f"{arg} S", S, (batch, heads, dk, dv), "[B, H, K, V]")
+    check_shape(who, f"{arg} S", S, (batch, heads, dk, dv), "[B, H, K, V]")
     if n is not None:
         if normalizer is None:
             raise ValueError(f"{who}: {arg}.n is given but normalizer=None keeps no key sum")
         _check_array(who, f"{arg}.n", n)
-        _check_shape(who, f"{arg}.n", n, (batch, heads, dk), "[B, H, K]")
+        check_shape(who, f"{arg}.n", n, (batch, heads, dk), "[B, H, K]")
     if m is not None:
         if not stabilised:
             raise ValueError(f"{who}: {arg}.m is given but there is no log_input_gate to stabilise")
         _check_array(who, f"{arg}.m", m, complex_ok=False)
-        _check_shape(who, f"{arg}.m", m, (batch, heads), "[B, H]")
+        check_shape(who, f"{arg}.m", m, (batch, heads), "[B, H]")
 
 
 # --------------------------------------------------------------------------------------------

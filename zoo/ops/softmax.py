@@ -77,6 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from zoo.ops._checks import check_float
 from zoo.ops._time import check_reset, reset_for_reverse
 
 LOCAL_MODES = ("chunked", "sequential")
@@ -147,13 +148,8 @@ def initial_state(batch: int, window: int, kv_heads: int, key_dim: int, value_di
             "valid": jnp.zeros((batch, window), dtype)}
 
 
-def _check_float(who, arg, x, rank, letters):
-    if not hasattr(x, "dtype"):
-        raise TypeError(f"{who}: {arg} must be an array, got {type(x).__name__}")
-    if np.ndim(x) != rank:
-        raise ValueError(f"{who}: {arg} must have shape {letters}, got shape {np.shape(x)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"{who}: {arg} has dtype {x.dtype} (shape {np.shape(x)}); a float dtype is needed")
+def _check_float(who: str, arg: str, x, rank: int, letters: str) -> None:
+    check_float(who, arg, x, rank=rank, letters=letters)
 
 
 def _check_qkv(who, q, k, v, time_axis: bool):

@@ -85,6 +85,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from zoo.ops._checks import check_float, check_positive_int, check_shape, shape_of
+from zoo.ops._checks import check_mode as resolve_mode
 from zoo.ops._time import reset_for_reverse
 
 MODES = ("chunked", "sequential")
@@ -106,42 +108,19 @@ class _Problem(NamedTuple):
     h0: jax.Array          # [batch, H, P, N]
 
 
-def _shape(v) -> tuple[int, ...]:
-    return tuple(np.shape(v))
-
-
-def _check_float(who: str, arg: str, v) -> None:
-    dtype = getattr(v, "dtype", None)
-    if dtype is None:
-        raise TypeError(f"{who}: {arg} must be an array, got {type(v).__name__}")
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{who}: {arg} has dtype {dtype} (shape {_shape(v)}); a float dtype is needed")
-
-
-def _check_shape(who: str, arg: str, v, want: tuple[int, ...], letters: str) -> None:
-    if _shape(v) != tuple(want):
-        raise ValueError(f"{who}: {arg} must have shape {letters} = {tuple(want)}, got {_shape(v)}")
-
-
 def check_chunk_size(who: str, chunk_size) -> int:
     """``chunk_size`` as a positive int (``None`` gives the default), or ValueError."""
     if chunk_size is None:
         return DEFAULT_CHUNK_SIZE
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
-        raise ValueError(f"{who}: chunk_size must be a positive int, got {chunk_size!r}")
-    return int(chunk_size)
+    return check_positive_int(who, "chunk_size", chunk_size)
 
 
 def _check_mode(who: str, mode: str) -> str:
-    if mode == "auto":
-        return "chunked"
-    if mode not in MODES:
-        raise ValueError(f"{who}: mode={mode!r} is not supported; choose one of {('auto', *MODES)}")
-    return mode
+    return resolve_mode(who, mode, MODES, auto="chunked")
 
 
 def _check_flags(who: str, arg: str, v, batch: int, time: int, integer_only: bool) -> None:
-    _check_shape(who, arg, v, (batch, time), "[batch, T]")
+    check_shape(who, arg, v, (batch, time), "[batch, T]")
     dtype = v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype
     ok = jnp.issubdtype(dtype, jnp.integer) or (not integer_only and jnp.issubdtype(dtype, jnp.bool_))
     if not ok:
@@ -174,36 +153,36 @@ def _validate(who, x, dt, A, B, C, D, z, dt_bias, initial_states, reset, seq_idx
               state_arg: str = "initial_states") -> None:
     """Every check of the public arguments, on shapes and dtypes only (nothing is traced here)."""
     for arg, v in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
-        _check_float(who, arg, v)
+        check_float(who, arg, v)
     if np.ndim(x) != 4:
-        raise ValueError(f"{who}: x must have shape [batch, T, H, P], got {_shape(x)}")
-    batch, time, heads, head_dim = _shape(x)
+        raise ValueError(f"{who}: x must have shape [batch, T, H, P], got {shape_of(x)}")
+    batch, time, heads, head_dim = shape_of(x)
     if time == 0:
-        raise ValueError(f"{who}: x has shape {_shape(x)} with T = 0 steps; at least one step is needed")
-    _check_shape(who, "dt", dt, (batch, time, heads), "[batch, T, H]")
-    _check_shape(who, "A", A, (heads,), "[H]")
-    if np.ndim(B) != 4 or _shape(B)[:2] != (batch, time):
+        raise ValueError(f"{who}: x has shape {shape_of(x)} with T = 0 steps; at least one step is needed")
+    check_shape(who, "dt", dt, (batch, time, heads), "[batch, T, H]")
+    check_shape(who, "A", A, (heads,), "[H]")
+    if np.ndim(B) != 4 or shape_of(B)[:2] != (batch, time):
         raise ValueError(f"{who}: B must have shape [batch, T, G, N] = ({batch}, {time}, G, N) to match x "
-                         f"{_shape(x)}, got {_shape(B)}")
-    groups, state = _shape(B)[2:]
+                         f"{shape_of(x)}, got {shape_of(B)}")
+    groups, state = shape_of(B)[2:]
     if groups == 0 or heads % groups:
-        raise ValueError(f"{who}: B has G = {groups} groups (shape {_shape(B)}) but x has H = {heads} heads; "
-                         f"H must be a multiple of G")
-    _check_shape(who, "C", C, _shape(B), "[batch, T, G, N] like B")
+        raise ValueError(f"{who}: B has G = {groups} groups (shape {shape_of(B)}) but x has "
+                         f"H = {heads} heads; H must be a multiple of G")
+    check_shape(who, "C", C, shape_of(B), "[batch, T, G, N] like B")
     if D is not None:
-        _check_float(who, "D", D)
-        if _shape(D) not in ((heads,), (heads, head_dim)):
+        check_float(who, "D", D)
+        if shape_of(D) not in ((heads,), (heads, head_dim)):
             raise ValueError(f"{who}: D must have shape [H] = ({heads},) or [H, P] = {(heads, head_dim)}, "
-                             f"got {_shape(D)}")
+                             f"got {shape_of(D)}")
     if z is not None:
-        _check_float(who, "z", z)
-        _check_shape(who, "z", z, _shape(x), "[batch, T, H, P] like x")
+        check_float(who, "z", z)
+        check_shape(who, "z", z, shape_of(x), "[batch, T, H, P] like x")
     if dt_bias is not None:
-        _check_float(who, "dt_bias", dt_bias)
-        _check_shape(who, "dt_bias", dt_bias, (heads,), "[H]")
+        check_float(who, "dt_bias", dt_bias)
+        check_shape(who, "dt_bias", dt_bias, (heads,), "[H]")
     if initial_states is not None:
-        _check_float(who, state_arg, initial_states)
-        _check_shape(who, state_arg, initial_states, (batch, heads, head_dim, state), "[batch, H, P, N]")
+        check_float(who, state_arg, initial_states)
+        check_shape(who, state_arg, initial_states, (batch, heads, head_dim, state), "[batch, H, P, N]")
     if reset is not None:
         _check_flags(who, "reset", reset, batch, time, integer_only=False)
     if seq_idx is not None:
@@ -390,11 +369,11 @@ def step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False)
     """
     who = "ssd.step"
     if np.ndim(x) != 3:
-        raise ValueError(f"{who}: x must have shape [batch, H, P], got {_shape(x)}")
+        raise ValueError(f"{who}: x must have shape [batch, H, P], got {shape_of(x)}")
     for arg, v in (("dt", dt), ("B", B), ("C", C)):
         if np.ndim(v) != (2 if arg == "dt" else 3):
             letters = "[batch, H]" if arg == "dt" else "[batch, G, N]"
-            raise ValueError(f"{who}: {arg} must have shape {letters}, got {_shape(v)}")
+            raise ValueError(f"{who}: {arg} must have shape {letters}, got {shape_of(v)}")
     expand = lambda v: None if v is None else v[:, None]
     _validate(who, expand(x), expand(dt), A, expand(B), expand(C), D, expand(z), dt_bias, state, None, None,
               state_arg="state")
