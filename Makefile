@@ -35,6 +35,9 @@ $(VENV)/.installed-test: $(VENV)/.installed-base
 	# importing fla needs triton (~1 GB) and mlstm_kernels' package imports jax_triton, so neither
 	# package is ever imported, and neither's dependencies are installed.
 	$(PIP) install --quiet --no-deps "fla-core==0.6.0" "mlstm_kernels==2.0.6"
+	# xlstm's sLSTM layer (backend="vanilla", pure torch) is imported by tests/test_convert_xlstm.py;
+	# its import path needs only torch, numpy, packaging and setuptools, already here.
+	$(PIP) install --quiet --no-deps "xlstm==2.0.6"
 	touch $@
 
 demo: $(VENV)/.installed-base

@@ -9,6 +9,8 @@
     config, lm = from_recurrentgemma(rg_params, rg_config)   # recurrentgemma.jax.Griffin's Flax params
     logits, state = zoo.models.griffin.lm_apply(config, lm, tokens)
 
+    rec, params = from_xlstm(slstm_layer_or_block)  # xlstm's sLSTMLayer / sLSTMBlock (zoo.convert_xlstm)
+
 torch is optional (the ``refs`` extra) and imported only inside these functions; the recurrentgemma
 converter reads plain arrays and needs no recurrentgemma import.
 """
@@ -22,6 +24,7 @@ import numpy as np
 
 from zoo.combinators import bidirectional, stack
 from zoo.contract import Recurrence
+from zoo.convert_xlstm import from_xlstm, state_from_xlstm, state_to_xlstm  # noqa: F401  (re-exported)
 from zoo.registry import get
 
 
