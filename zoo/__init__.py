@@ -5,17 +5,17 @@
     ys, state = rec.apply(params, xs)            # parallel mode, xs [B, T, d_in]
     state, y_t = rec.step(params, state, x_t)    # recurrent mode
 
-Combinators (``zoo.stack``, ``zoo.residual``, ``zoo.bidirectional``) return a ``Recurrence`` too;
-``zoo.nn`` (imported on first use) holds the Flax NNX shells and ``zoo.convert.from_torch``
-reads PyTorch RNN modules.
+Combinators (``zoo.stack``, ``zoo.residual``, ``zoo.bidirectional``, ``zoo.hybrid``) return a
+``Recurrence`` too; ``zoo.nn`` (imported on first use) holds the Flax NNX shells and
+``zoo.convert`` reads PyTorch RNN modules, recurrentgemma and xlstm weights.
 """
 
-from zoo.combinators import bidirectional, residual, stack
+from zoo.combinators import bidirectional, hybrid, residual, stack
 from zoo.contract import Recurrence, make_recurrence
 from zoo.registry import ModelInfo, get, list_models, register
 
-__all__ = ["ModelInfo", "Recurrence", "bidirectional", "get", "list_models", "make_recurrence", "register",
-           "residual", "stack"]
+__all__ = ["ModelInfo", "Recurrence", "bidirectional", "get", "hybrid", "list_models", "make_recurrence",
+           "register", "residual", "stack"]
 
 
 def __getattr__(name):

@@ -9,6 +9,8 @@ registered model (same four functions, same checks, float32 states)::
 
 * ``stack(*recs)``: layer l's outputs are layer l+1's inputs.
 * ``residual(mixer)``: the pre-norm block ``h = x + mixer(norm(x))``, ``y = h + mlp(norm(h))``.
+* ``hybrid(mixers, pattern, repeat=)``: residual layers whose mixers follow a pattern, e.g.
+  ``hybrid({"mamba": m, "swa": a}, "mamba,swa", repeat=2)`` (Samba), stacked.
 * ``bidirectional(forward, backward)``: one half reads time forwards, the other backwards, and the
   outputs are concatenated or summed. It reads the future, so it has no ``step`` (``causal=False``).
 
@@ -103,7 +105,11 @@ def stack(*recs: Recurrence) -> Recurrence:
     for i, rec in enumerate(recs):
         if not isinstance(rec, Recurrence):
             raise TypeError(f"stack: argument {i} is a {type(rec).__name__}, not a zoo.Recurrence")
-    name = f"stack({', '.join(rec.name or '?' for rec in recs)})"
+    return _stack(recs, f"stack({', '.join(rec.name or '?' for rec in recs)})")
+
+
+def _stack(recs, name: str) -> Recurrence:
+    """``stack`` of checked recurrences under the given name (its error messages use it)."""
 
     def init(key, d_in):
         params = []
@@ -197,6 +203,83 @@ def residual(mixer: Recurrence, *, mlp_ratio: float = 4, norm: str = "rms",
                           input_width=lambda params: params["mixer_norm"]["scale"].shape[0],
                           modes=mixer.modes)
     return rec._replace(causal=mixer.causal)
+
+
+# --------------------------------------------------------------------------------------------
+# hybrid
+
+
+def _parse_pattern(pattern, names) -> tuple[str, ...]:
+    """``"a,b"`` or ``("a", "b")`` -> ``("a", "b")``; every entry must be a key of ``mixers``."""
+    if isinstance(pattern, str):
+        entries = [entry.strip() for entry in pattern.split(",")]
+    elif isinstance(pattern, (list, tuple)):
+        entries = list(pattern)
+    else:
+        raise ValueError(f"hybrid: pattern must be a comma-separated str such as 'mamba,swa' or a "
+                         f"sequence of names, got {type(pattern).__name__} {pattern!r}")
+    if not pattern or any(not isinstance(e, str) or not e for e in entries):
+        raise ValueError(f"hybrid: pattern={pattern!r} has an empty or non-str entry; it needs one "
+                         f"name of mixers {tuple(names)} per layer")
+    unknown = [e for e in entries if e not in names]
+    if unknown:
+        raise ValueError(f"hybrid: pattern={pattern!r} names {unknown}, not keys of mixers "
+                         f"{tuple(names)}")
+    return tuple(entries)
+
+
+def hybrid(mixers, pattern=None, *, repeat: int = 1, mlp_ratio: float = 4, norm: str = "rms",
+           mlp: str = "swiglu") -> Recurrence:
+    """A stack of pre-norm residual layers whose mixers follow a pattern (Griffin, Samba, Jamba)::
+
+        rec = zoo.hybrid({"mamba": zoo.get("mamba", d_model=64), "swa": swa}, "mamba,swa", repeat=4)
+        rec = zoo.hybrid([zoo.get("mamba", d_model=64), swa], repeat=4)        # the same layers
+
+    ``mixers`` is either a dict of named mixers, with ``pattern`` the layer order as a
+    comma-separated string (``"rnn,rnn,attn"``) or a sequence of those names; or a list/tuple of
+    mixers, one per layer, with no ``pattern`` (a single mixer is a list of one). The period is
+    repeated ``repeat`` times, so Griffin's (recurrent, recurrent, attention) × 4 is
+    ``pattern="rnn,rnn,attn", repeat=4``. Mixers the pattern does not name are ignored.
+
+    Each layer is ``residual(mixer, mlp_ratio=..., norm=..., mlp=...)`` (norm + mixer + add, then
+    norm + MLP + add) with its own params, even where the pattern names a mixer twice: a
+    Recurrence is a set of functions, and ``init`` draws every layer's weights afresh. The result is
+    ``stack`` of those layers: params and state are tuples with one entry per layer in order, the
+    modes are the union of the mixers' modes (a named mode goes to the layers that have it, the
+    others use "auto"), and it is causal when every mixer is.
+    """
+    if isinstance(mixers, Recurrence):       # a NamedTuple: tell it from a list of mixers first
+        mixers = [mixers]
+    if isinstance(mixers, dict):
+        if not mixers:
+            raise ValueError("hybrid: mixers is an empty dict; give at least one named mixer")
+        if pattern is None:
+            raise ValueError(f"hybrid: pattern is needed with a dict of mixers (the layer order, e.g. "
+                             f"{','.join(mixers)!r})")
+        names = _parse_pattern(pattern, tuple(mixers))
+        period = [mixers[n] for n in names]
+        labels = list(names)
+        where = [f"mixers[{n!r}]" for n in names]
+    elif isinstance(mixers, (list, tuple)):
+        if pattern is not None:
+            raise ValueError(f"hybrid: pattern={pattern!r} applies to a dict of named mixers; with a "
+                             f"list the list itself is the layer order")
+        if not mixers:
+            raise ValueError("hybrid: mixers is empty; give at least one mixer")
+        period = list(mixers)
+        labels = [getattr(m, "name", "") or "?" for m in period]
+        where = [f"mixers[{i}]" for i in range(len(period))]
+    else:
+        raise TypeError(f"hybrid: mixers must be a dict of named zoo.Recurrence (with pattern=) or a "
+                        f"list of them, got {type(mixers).__name__}")
+    for arg, rec in zip(where, period, strict=True):
+        if not isinstance(rec, Recurrence):
+            raise TypeError(f"hybrid: {arg} is a {type(rec).__name__}, not a zoo.Recurrence")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"hybrid: repeat must be a positive int, got {repeat!r}")
+    layers = [residual(rec, mlp_ratio=mlp_ratio, norm=norm, mlp=mlp) for rec in period] * repeat
+    times = f"x{repeat}" if repeat > 1 else ""
+    return _stack(layers, f"hybrid({','.join(labels)}){times}")
 
 
 # --------------------------------------------------------------------------------------------
