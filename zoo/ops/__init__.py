@@ -18,6 +18,7 @@ from zoo.ops import (
     nonlinear,
     selective,
     softmax,
+    softmax_scan,
     ssd_scan,
 )
 from zoo.ops.matrix_ops import (
@@ -37,6 +38,6 @@ from zoo.ops.ssd_scan import ssd
 __all__ = [
     "conv1d", "diagonal", "gateloop", "gla", "hgrn", "hgrn2", "hippo", "lightning_attention",
     "linear_attention", "lti", "matrix", "matrix_ops", "mlstm", "nonlinear", "retention", "rwkv6",
-    "selective",
+    "selective", "softmax_scan",
     "selective_scan", "selective_state_update", "simple_gla", "softmax", "ssd", "ssd_scan",
 ]

@@ -63,8 +63,8 @@ Scores, the softmax and the weighted sums run in float32 (float64 for float64 in
 ``o`` is cast to q's dtype.
 Differentiation is reverse-mode autodiff through these jnp operations.
 
-A later issue adds Aaren's modes ("Attention as an RNN", Feng et al. 2024: full causal attention as
-a prefix scan with a running max) to this file; the names here are kept general for that.
+Aaren's full-attention prefix scan ("Attention as an RNN", Feng et al. 2024) lives in
+``zoo/ops/softmax_scan.py``, which calls this module for its windowed case.
 """
 
 from __future__ import annotations
