@@ -4,11 +4,14 @@
 scan) are functions, with the argument names of mamba_ssm; their modules are ``ssd_scan`` and
 ``selective``. The matrix-memory ops (``linear_attention``, ``simple_gla``, ``retention``,
 ``lightning_attention``, ``gla``, ``hgrn2``, ``gateloop``, ``rwkv6``, ``mlstm``) are functions with
-FLA's argument names, thin front ends to the ``matrix`` engine (module ``matrix_ops``).
+FLA's argument names, thin front ends to the ``matrix`` engine (module ``matrix_ops``); likewise
+``delta_rule`` and ``gated_delta_rule`` for the ``delta`` engine (module ``delta_ops``).
 """
 
 from zoo.ops import (
     conv1d,
+    delta,
+    delta_ops,
     diagonal,
     hgrn,
     hippo,
@@ -21,6 +24,7 @@ from zoo.ops import (
     softmax_scan,
     ssd_scan,
 )
+from zoo.ops.delta_ops import delta_rule, gated_delta_rule
 from zoo.ops.matrix_ops import (
     gateloop,
     gla,
@@ -36,8 +40,8 @@ from zoo.ops.selective import selective_scan, selective_state_update
 from zoo.ops.ssd_scan import ssd
 
 __all__ = [
-    "conv1d", "diagonal", "gateloop", "gla", "hgrn", "hgrn2", "hippo", "lightning_attention",
-    "linear_attention", "lti", "matrix", "matrix_ops", "mlstm", "nonlinear", "retention", "rwkv6",
-    "selective", "softmax_scan",
-    "selective_scan", "selective_state_update", "simple_gla", "softmax", "ssd", "ssd_scan",
+    "conv1d", "delta", "delta_ops", "delta_rule", "diagonal", "gated_delta_rule", "gateloop", "gla", "hgrn",
+    "hgrn2", "hippo", "lightning_attention", "linear_attention", "lti", "matrix", "matrix_ops", "mlstm",
+    "nonlinear", "retention", "rwkv6", "selective", "selective_scan", "selective_state_update",
+    "simple_gla", "softmax", "softmax_scan", "ssd", "ssd_scan",
 ]

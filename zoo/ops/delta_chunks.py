@@ -1,0 +1,198 @@
+"""The chunked form of the delta-rule engine (``zoo/ops/delta.py``): the WY / UT representation.
+
+Per head, with α_t = exp(g_t) and a chunk of C steps entered with the state S_in::
+
+    S_t = α_t (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ = α_t S_{t-1} + k_t u_tᵀ,
+    u_t = β_t (v_t - α_t S_{t-1}ᵀ k_t)                              (the "new value" written at t)
+
+Unrolling inside the chunk, with ``L[t, s] = Σ_{j=s+1..t} g_j`` and ``b_t = Σ_{j<=t} g_j`` (from the
+chunk's start)::
+
+    S_t = exp(b_t) S_in + Σ_{s<=t} exp(L[t, s]) k_s u_sᵀ
+    u_t + β_t Σ_{s<t} exp(L[t, s]) (k_t · k_s) u_s = β_t v_t - β_t exp(b_t) S_inᵀ k_t
+
+so with the strictly lower triangular ``A[t, s] = β_t exp(L[t, s]) (k_t · k_s)`` and
+``T = (I + A)⁻¹`` (a unit lower triangular solve, never an explicit inverse)::
+
+    U = T diag(β) V          W = T diag(β exp(b)) K          u = U - W S_in
+    o_t = exp(b_t) S_inᵀ q_t + Σ_{s<=t} exp(L[t, s]) (q_t · k_s) u_s
+    S_out = exp(b_{C-1}) S_in + Σ_s exp(L[C-1, s]) k_s u_sᵀ
+
+(S. Yang et al., "Parallelizing Linear Transformers with the Delta Rule over Sequence Length",
+NeurIPS 2024, §3; with the decays folded in as in S. Yang et al., "Gated Delta Networks", ICLR 2025,
+§3.3, and FLA's ``chunk_gated_delta_rule``). U, W and the scores are computed for all chunks at
+once, and so is each chunk's affine map of its entering state, ``S_out = M S_in + S_loc``; only
+that map runs in the scan over chunks, and ``u = U - W S_in`` and the read-out follow for all
+chunks at once.
+
+Numerics are those of ``zoo/ops/matrix_chunks.py``: every log decay is a direct (segment) sum over its
+own steps, never a difference of cumulative sums and never positive for log decays <= 0, so decays
+near 0 (g = -30, -1e4) lose nothing and cannot overflow; masked entries are replaced before the exp
+(zero value and zero gradient). Resets are masks: steps interact only inside one segment (A, the
+scores and the chunk's own state are masked by segment), the entering state reaches only the steps
+before the chunk's first flag, and a chunk with a flag passes on only its last segment. Padded steps
+(β = 0, g = 0, k = v = q = 0) write nothing and keep the state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from zoo.ops.matrix_chunks import _masked_exp, _shift_up, cumsum, segsum
+
+# FLA's chunk. On XLA:CPU (B=2, T=4096, H=4, K=V=64, forward + backward) chunks of 32 and 64 run
+# within the noise of a shared machine of each other, 16 and 128 slower (experiments/bench/delta_chunked.py).
+DEFAULT_CHUNK = 64
+
+
+class Problem(NamedTuple):
+    """The validated problem every mode solves (time already reversed if asked)."""
+
+    q: jax.Array            # [B, T, H, K]   scaled, accumulation dtype
+    k: jax.Array            # [B, T, H, K]
+    v: jax.Array            # [B, T, H, V]
+    beta: jax.Array         # [B, T, H]
+    g: jax.Array            # [B, T, H]      log decays (zeros for the plain delta rule)
+    reset: Any              # bool [B, T] or None
+    S0: jax.Array           # [B, H, K, V]
+
+
+def _pad_time(p: Problem, pad: int) -> Problem:
+    """Identity steps at the end: β = 0 writes nothing, g = 0 keeps the state."""
+    if not pad:
+        return p
+
+    def grow(x, fill=0):
+        return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+
+    reset = None if p.reset is None else grow(p.reset, False)
+    return p._replace(q=grow(p.q), k=grow(p.k), v=grow(p.v), beta=grow(p.beta), g=grow(p.g), reset=reset)
+
+
+def _segments(reset, batch: int, n: int, chunk: int):
+    """(same [B, N, 1, C, C]: t and s in one segment and s <= t; fresh [B, N, 1, C]: the entering state
+    is dropped before t)."""
+    lower = jnp.tril(jnp.ones((chunk, chunk), bool))
+    if reset is None:
+        same = jnp.broadcast_to(lower, (batch, n, chunk, chunk))
+        fresh = jnp.zeros((batch, n, chunk), bool)
+    else:
+        seg = jnp.cumsum(reset.reshape(batch, n, chunk).astype(jnp.int32), axis=-1)
+        same = (seg[..., :, None] == seg[..., None, :]) & lower
+        fresh = seg > 0
+    return same[:, :, None], fresh[:, :, None]
+
+
+@jax.custom_vjp
+def unit_lower_inverse(A):
+    """(I + A)⁻¹ for strictly lower triangular A [..., C, C], by doubling the size of the inverted
+    diagonal blocks (1, 2, 4, ... then C, padded to a power of two): with the inverses T₀, T₁ of
+    two neighbouring blocks and A₁₀ the block of A between them,
+
+        [[I + A₀₀, 0], [A₁₀, I + A₁₁]]⁻¹ = [[T₀, 0], [-T₁ A₁₀ T₀, T₁]],
+
+    so every level is two batched matmuls (FLA's ``solve_tril`` merges 16 x 16 blocks the same way).
+    Exact to rounding like a forward substitution, but with matmuls instead of C dependent steps:
+    XLA:CPU's batched ``triangular_solve`` runs ~10x slower on these shapes. The gradient is the
+    closed form of the inverse's derivative (``_unit_lower_inverse_bwd``)."""
+    c = A.shape[-1]
+    size = 1 << max(c - 1, 0).bit_length()
+    if size != c:
+        A = jnp.pad(A, [(0, 0)] * (A.ndim - 2) + [(0, size - c), (0, size - c)])
+    lead = A.shape[:-2]
+    blocks = jnp.ones(lead + (size, 1, 1), A.dtype)                      # [..., n blocks, s, s]
+    s = 1
+    while s < size:
+        pairs = size // (2 * s)
+        # A's block (2j + 1, 2j) for each pair j: the row half 1 and column half 0 of the pair, picked
+        # off the diagonal of pairs by a mask and a sum (a gather's gradient is a slow scatter).
+        split = A.reshape(*lead, pairs, 2, s, pairs, 2, s)[..., :, 1, :, :, 0, :]      # [.., j, s, j', s]
+        same_pair = np.eye(pairs, dtype=bool)[:, None, :, None]
+        between = jnp.sum(jnp.where(same_pair, split, 0), axis=-2)                     # [.., j, s, s]
+        first, second = blocks[..., 0::2, :, :], blocks[..., 1::2, :, :]
+        lower = -jnp.einsum("...ij,...jk,...kl->...il", second, between, first)
+        zeros = jnp.zeros_like(first)
+        blocks = jnp.concatenate([jnp.concatenate([first, zeros], axis=-1),
+                                  jnp.concatenate([lower, second], axis=-1)], axis=-2)
+        s *= 2
+    return blocks[..., 0, :c, :c]
+
+
+def _unit_lower_inverse_fwd(A):
+    T = unit_lower_inverse(A)
+    return T, T
+
+
+def _unit_lower_inverse_bwd(T, cotangent):
+    # d(I + A)⁻¹ = -T dA T, so the gradient is -Tᵀ dT Tᵀ on the strictly lower triangle (the only
+    # entries of A that are read): two matmuls, where autodiff through the doubling levels costs
+    # several times the forward pass.
+    Tt = jnp.swapaxes(T, -1, -2)
+    grad = -jnp.einsum("...ij,...jk,...kl->...il", Tt, cotangent, Tt)
+    c = T.shape[-1]
+    return (jnp.where(jnp.tril(jnp.ones((c, c), bool), -1), grad, 0),)
+
+
+unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
+
+
+def chunked(p: Problem, chunk: int):
+    """(o [B, T, H, V], S_final [B, H, K, V])."""
+    batch, time, heads, _ = p.q.shape
+    pad = (-time) % chunk
+    p = _pad_time(p, pad)
+    n = (time + pad) // chunk
+
+    def chunks(x):            # [B, T, H, ...] -> [B, N, H, C, ...]
+        return jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 2, 3)
+
+    q, k, v = chunks(p.q), chunks(p.k), chunks(p.v)                      # [B, N, H, C, K|V]
+    beta, g = chunks(p.beta[..., None])[..., 0], chunks(p.g[..., None])[..., 0]      # [B, N, H, C]
+    same, fresh = _segments(p.reset, batch, n, chunk)
+    strict = same & ~jnp.eye(chunk, dtype=bool)                          # s < t, one segment
+    keep_start = ~fresh                                                  # S_in reaches step t
+    keep_in = ~fresh[..., -1]                                            # S_in reaches the chunk end
+    at_end = same[..., -1, :]                                            # s reaches the chunk end
+
+    L = segsum(g, axis=3)                                                # [B, N, H, C(t), C(s)]
+    decay_read = _masked_exp(L, same)                                    # exp(L[t, s]), s <= t
+    b = cumsum(g, axis=3)                                                # [B, N, H, C]
+    from_start = _masked_exp(b, keep_start)                              # exp(b_t) where S_in reaches t
+    to_end = _masked_exp(_shift_up(cumsum(g, axis=3, reverse=True), axis=3), at_end)   # exp(L[C-1, s])
+    decay_end = _masked_exp(b[..., -1], keep_in)                         # [B, N, H]
+
+    # The UT transform: (I + A) [U | W] = [diag(β) V | diag(β exp(b)) K], A strictly lower triangular.
+    # Queries and keys against the keys in one matmul: the scores of the read-out and those of A.
+    qk_kk = jnp.einsum("bnhtk,bnhsk->bnhts", jnp.concatenate([q, k], axis=-2), k)     # [.., 2C, C]
+    qk, kk = qk_kk[..., :chunk, :], qk_kk[..., chunk:, :]
+    A = jnp.where(strict, kk * _masked_exp(L, strict) * beta[..., :, None], 0)
+    rhs = jnp.concatenate([v * beta[..., None], k * (beta * from_start)[..., None]], axis=-1)
+    UW = jnp.einsum("bnhts,bnhsd->bnhtd", unit_lower_inverse(A), rhs)
+    dv = v.shape[-1]
+    U, W = UW[..., :dv], UW[..., dv:]
+    k_end = k * to_end[..., None]
+
+    # Each chunk maps its entering state affinely, S_out = M S_in + S_loc, with
+    # M = exp(b_{C-1}) I - Σ_s exp(L[C-1, s]) k_s w_sᵀ [K, K] and S_loc = Σ_s exp(L[C-1, s]) k_s U_sᵀ:
+    # built for all chunks at once, so the scan does one [K, K] x [K, V] matmul per chunk.
+    end_UW = jnp.einsum("bnhck,bnhcd->bnhkd", k_end, UW)                  # [.., K, V + K]
+    S_loc = end_UW[..., :dv]
+    M = decay_end[..., None, None] * jnp.eye(k.shape[-1], dtype=k.dtype) - end_UW[..., dv:]
+
+    def across(S_in, xs):
+        M_c, S_loc_c = xs
+        return jnp.einsum("bhkj,bhjv->bhkv", M_c, S_in) + S_loc_c, S_in
+
+    S_final, S_in = lax.scan(across, p.S0, (jnp.moveaxis(M, 1, 0), jnp.moveaxis(S_loc, 1, 0)))
+    S_in = jnp.moveaxis(S_in, 0, 1)                                      # [B, N, H, K, V]
+    # The entering state read by W (for u = U - W S_in) and by the decayed queries, in one matmul.
+    reads = jnp.einsum("bnhck,bnhkv->bnhcv", jnp.concatenate([W, q * from_start[..., None]], axis=-2), S_in)
+    u = U - reads[..., :chunk, :]                                        # [B, N, H, C, V]
+    o = jnp.einsum("bnhts,bnhsv->bnhtv", qk * decay_read, u) + reads[..., chunk:, :]
+    o = jnp.moveaxis(o, 3, 2).reshape(batch, n * chunk, heads, dv)[:, :time]
+    return o, S_final
