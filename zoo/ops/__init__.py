@@ -13,6 +13,7 @@ from zoo.ops import (
     delta,
     delta_ops,
     diagonal,
+    fast_weights,
     hgrn,
     hippo,
     lti,
@@ -40,8 +41,8 @@ from zoo.ops.selective import selective_scan, selective_state_update
 from zoo.ops.ssd_scan import ssd
 
 __all__ = [
-    "conv1d", "delta", "delta_ops", "delta_rule", "diagonal", "gated_delta_rule", "gateloop", "gla", "hgrn",
-    "hgrn2", "hippo", "lightning_attention", "linear_attention", "lti", "matrix", "matrix_ops", "mlstm",
-    "nonlinear", "retention", "rwkv6", "selective", "selective_scan", "selective_state_update",
-    "simple_gla", "softmax", "softmax_scan", "ssd", "ssd_scan",
+    "conv1d", "delta", "delta_ops", "delta_rule", "diagonal", "fast_weights", "gated_delta_rule",
+    "gateloop", "gla", "hgrn", "hgrn2", "hippo", "lightning_attention", "linear_attention", "lti", "matrix",
+    "matrix_ops", "mlstm", "nonlinear", "retention", "rwkv6", "selective", "selective_scan",
+    "selective_state_update", "simple_gla", "softmax", "softmax_scan", "ssd", "ssd_scan",
 ]
