@@ -59,3 +59,21 @@ def check_step_against_loop(setup, numpy_step, state_names, d_model, steps=4):
         close(y_t, want, f"step {t}")
     for got, want, what in zip(state, want_state, state_names, strict=True):
         close(got, want, what)
+
+
+def numpy_block_loop(numpy_step, params, c, xs, state, reset, reverse):
+    """Run ``numpy_step(p, c, state, x_t) -> (state, y_t)`` over time in float64, with segment resets
+    (the fresh state is zeros) in either direction; returns (ys [B, T, c.d_model], final state)."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    state = tuple(np.asarray(s, np.float64) for s in state)
+    xs = np.asarray(xs, np.float64)
+    ys = np.zeros((xs.shape[0], xs.shape[1], c.d_model))
+    order = range(xs.shape[1] - 1, -1, -1) if reverse else range(xs.shape[1])
+    for t in order:
+        # A segment starts at t (forwards); backwards, the carry into t belongs to the next segment
+        # when t + 1 starts one.
+        flag = reset[:, t + 1] if reverse and t + 1 < xs.shape[1] else (None if reverse else reset[:, t])
+        if flag is not None:
+            state = tuple(np.where(flag.reshape(-1, *[1] * (s.ndim - 1)), 0.0, s) for s in state)
+        state, ys[:, t] = numpy_step(p, c, state, xs[:, t])
+    return ys, state

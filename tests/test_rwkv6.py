@@ -19,6 +19,7 @@ from block_loop_checks import (
     check_float64_apply_against_loop,
     check_step_against_loop,
     close,
+    numpy_block_loop,
     sequential_then_slow,
 )
 
@@ -84,19 +85,7 @@ def _numpy_step(p, c, state, x_t):
 
 
 def _numpy_block(params, c, xs, state, reset, reverse):
-    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
-    state = tuple(np.asarray(s, np.float64) for s in state)
-    xs = np.asarray(xs, np.float64)
-    ys = np.zeros((xs.shape[0], xs.shape[1], c.d_model))
-    order = range(xs.shape[1] - 1, -1, -1) if reverse else range(xs.shape[1])
-    for t in order:
-        # A segment starts at t (forwards); backwards, the carry into t belongs to the next segment
-        # when t + 1 starts one. A fresh state is zeros: the shifts read zeros, S is empty.
-        flag = reset[:, t + 1] if reverse and t + 1 < xs.shape[1] else (None if reverse else reset[:, t])
-        if flag is not None:
-            state = tuple(np.where(flag.reshape(-1, *[1] * (s.ndim - 1)), 0.0, s) for s in state)
-        state, ys[:, t] = _numpy_step(p, c, state, xs[:, t])
-    return ys, state
+    return numpy_block_loop(_numpy_step, params, c, xs, state, reset, reverse)
 
 
 def _setup(seed=0, d_in=D_IN, **overrides):

@@ -21,10 +21,9 @@ experiments/bench/results/delta_chunked.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from _timing import record, write_result  # noqa: E402  (experiments/bench is the script's directory)
+from _timing import chunked_against_sequential, record, write_result  # noqa: E402  (experiments/bench is the script's directory)
 
 from zoo.ops.delta_chunks import DEFAULT_CHUNK  # noqa: E402
 from zoo.ops.delta_ops import delta_rule, gated_delta_rule  # noqa: E402
@@ -83,54 +82,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     q, k, v, beta, g, w = _inputs(args.batch, args.time, args.heads, args.dk, args.dv)
-    inputs = (q, k, v, beta, g)
     cases = {name: case for name, case in _cases().items() if args.only is None or args.only in name}
-    programs, outputs = {}, {}
-    for name, (fn, family, _) in cases.items():
-        grad = jax.jit(jax.grad(lambda *xs, fn=fn: jnp.sum(fn(*xs[:5]) * xs[5]), argnums=(0, 1, 2, 3, 4)))
-        outputs[name] = (family, jax.jit(fn)(*inputs))
-        programs[name] = grad
-        for _ in range(2):                                       # compile, then warm up
-            jax.block_until_ready(grad(*inputs, w))
-        print(f"  compiled {name}", file=sys.stderr, flush=True)
-
-    a = jax.random.normal(jax.random.key(1), (4096, 512), jnp.float32)
-    bm = jax.random.normal(jax.random.key(2), (512, 512), jnp.float32)
-    matmul = jax.jit(lambda a, b: a @ b)
-    jax.block_until_ready(matmul(a, bm))
-
-    load_before = os.getloadavg()
-    times = {name: [] for name in programs}
-    matmul_times = []
-    for _ in range(args.repeats):
-        for name, fn in programs.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*inputs, w))
-            times[name].append(1e3 * (time.perf_counter() - start))
-        start = time.perf_counter()
-        jax.block_until_ready(matmul(a, bm))
-        matmul_times.append(time.perf_counter() - start)
-    load_after = os.getloadavg()
-    matmul_gflops = 2 * 4096 * 512 * 512 / statistics.median(matmul_times) / 1e9
-
-    rows = []
-    for name, t in times.items():
-        family, out = outputs[name]
-        chunk = cases[name][2] or DEFAULT_CHUNK
-        row = {"impl": name, "fwd_bwd_ms": statistics.median(t), "fwd_bwd_min_ms": min(t)}
-        if "sequential" not in name:
-            flops = _chunk_flops(args.batch, args.time, args.heads, args.dk, args.dv, chunk)
-            row["gflops"] = flops / (row["fwd_bwd_ms"] / 1e3) / 1e9
-            row["fraction_of_matmul"] = row["gflops"] / matmul_gflops
-        if f"{family} sequential" in outputs:
-            seq = outputs[f"{family} sequential"][1]
-            row["max_rel_diff_vs_sequential"] = float(jnp.max(jnp.abs(out - seq)) / jnp.max(jnp.abs(seq)))
-        rows.append(row)
-    by_name = {r["impl"]: r for r in rows}
-    for r in rows:
-        family = outputs[r["impl"]][0]
-        if f"{family} sequential" in by_name:
-            r["speedup_vs_sequential"] = by_name[f"{family} sequential"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    flops = functools.partial(_chunk_flops, args.batch, args.time, args.heads, args.dk, args.dv)
+    rows, matmul_gflops, load_before, load_after = chunked_against_sequential(
+        cases, (q, k, v, beta, g), w, args.repeats, flops, DEFAULT_CHUNK)
 
     print(f"B={args.batch} T={args.time} H={args.heads} K={args.dk} V={args.dv} float32, forward+backward, "
           f"median of {args.repeats}; matmul {matmul_gflops:.1f} GFLOP/s; load {load_before[0]:.1f}->"
