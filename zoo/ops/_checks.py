@@ -43,3 +43,28 @@ def check_positive_int(who: str, arg: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{who}: {arg} must be a positive int, got {value!r}")
     return int(value)
+
+
+def check_qkv(who: str, q, k, v, *, time_axis: bool = True, suffix: str = ""):
+    """q, k [B, T, H, K] and v [B, T, H, V] in FLA's layout (no T axis for one-token steps, whose
+    argument names carry ``suffix``, e.g. "_t"); their dtypes are checked by the caller. Returns
+    (batch, time, heads, K, V, prefix) with prefix = (B, T, H), or (B, H) without a T axis."""
+    q_name, k_name, v_name = (a + suffix for a in ("q", "k", "v"))
+    lead = "[B, T, H" if time_axis else "[B, H"
+    rank = 4 if time_axis else 3
+    if np.ndim(q) != rank:
+        raise ValueError(f"{who}: {q_name} must have shape {lead}, K], got {shape_of(q)}")
+    if time_axis:
+        batch, time, heads, dk = shape_of(q)
+        if time == 0:
+            raise ValueError(f"{who}: {q_name} has shape {shape_of(q)} with T = 0 steps; "
+                             "at least one step is needed")
+        prefix = (batch, time, heads)
+    else:
+        batch, heads, dk = shape_of(q)
+        time, prefix = 1, (batch, heads)
+    check_shape(who, k_name, k, shape_of(q), f"{lead}, K] like {q_name}")
+    if np.ndim(v) != rank or shape_of(v)[:-1] != prefix:
+        raise ValueError(f"{who}: {v_name} must have shape {lead}, V] = {prefix + ('V',)} to match "
+                         f"{q_name} {shape_of(q)}, got {shape_of(v)}")
+    return batch, time, heads, dk, shape_of(v)[-1], prefix

@@ -47,10 +47,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from zoo.ops._checks import check_float, check_positive_int, check_shape, shape_of
+from zoo.ops._checks import check_float, check_positive_int, check_qkv, check_shape
 from zoo.ops._checks import check_mode as resolve_mode
 from zoo.ops._time import check_reset, reset_for_reverse
 from zoo.ops.delta_chunks import DEFAULT_CHUNK, Problem, chunked
@@ -82,23 +81,7 @@ def _validate(who, q, k, v, beta, log_decay, initial_state, *, time_axis=True, s
     name = {a: a + suffix for a in ("q", "k", "v", "beta", "log_decay")}
     for arg, x in (("q", q), ("k", k), ("v", v), ("beta", beta)):
         check_float(who, name[arg], x)
-    rank = 4 if time_axis else 3
-    if np.ndim(q) != rank:
-        raise ValueError(f"{who}: {name['q']} must have shape {lead}, K], got {shape_of(q)}")
-    if time_axis:
-        batch, time, heads, dk = shape_of(q)
-        if time == 0:
-            raise ValueError(f"{who}: q has shape {shape_of(q)} with T = 0 steps; "
-                             "at least one step is needed")
-        prefix = (batch, time, heads)
-    else:
-        batch, heads, dk = shape_of(q)
-        time, prefix = 1, (batch, heads)
-    check_shape(who, name["k"], k, shape_of(q), f"{lead}, K] like {name['q']}")
-    if np.ndim(v) != rank or shape_of(v)[:-1] != prefix:
-        raise ValueError(f"{who}: {name['v']} must have shape {lead}, V] = {prefix + ('V',)} to match "
-                         f"{name['q']} {shape_of(q)}, got {shape_of(v)}")
-    dv = shape_of(v)[-1]
+    batch, time, heads, dk, dv, prefix = check_qkv(who, q, k, v, time_axis=time_axis, suffix=suffix)
     check_shape(who, name["beta"], beta, prefix, f"{lead}] (one per head and step)")
     if log_decay is not None:
         check_float(who, name["log_decay"], log_decay)

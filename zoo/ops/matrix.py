@@ -78,7 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from zoo.ops._checks import check_float, check_positive_int, check_shape, shape_of
+from zoo.ops._checks import check_float, check_positive_int, check_qkv, check_shape, shape_of
 from zoo.ops._checks import check_mode as resolve_mode
 from zoo.ops._time import check_reset, reset_for_reverse
 from zoo.ops.matrix_chunks import DEFAULT_CHUNK_SCALAR, DEFAULT_CHUNK_VECTOR, SUB_CHUNK, Problem, chunked
@@ -121,23 +121,7 @@ def _validate(who, q, k, v, log_decay, log_input_gate, normalizer, initial_state
     lead = "[B, T, H" if time_axis else "[B, H"
     for arg, x in (("q", q), ("k", k), ("v", v)):
         _check_array(who, arg, x)
-    rank = 4 if time_axis else 3
-    if np.ndim(q) != rank:
-        raise ValueError(f"{who}: q must have shape {lead}, K], got {shape_of(q)}")
-    if time_axis:
-        batch, time, heads, dk = shape_of(q)
-        if time == 0:
-            raise ValueError(f"{who}: q has shape {shape_of(q)} with T = 0 steps; "
-                             "at least one step is needed")
-        prefix = (batch, time, heads)
-    else:
-        batch, heads, dk = shape_of(q)
-        time, prefix = 1, (batch, heads)
-    check_shape(who, "k", k, shape_of(q), f"{lead}, K] like q")
-    if np.ndim(v) != rank or shape_of(v)[:-1] != prefix:
-        raise ValueError(f"{who}: v must have shape {lead}, V] = {prefix + ('V',)} to match q {shape_of(q)}, "
-                         f"got {shape_of(v)}")
-    dv = shape_of(v)[-1]
+    batch, time, heads, dk, dv, prefix = check_qkv(who, q, k, v, time_axis=time_axis)
     if log_decay is not None:
         _check_array(who, "log_decay", log_decay)
         if shape_of(log_decay) not in (prefix, prefix + (dk,)):
