@@ -35,3 +35,14 @@ def check_reset(who: str, reset, batch: int, time: int, letters: str = "[B, T]")
     if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)):
         raise ValueError(f"{who}: reset must be bool {letters}, got dtype {dtype}")
     return jnp.asarray(reset).astype(bool)
+
+
+def reset_before(reset, t: int, time: int, reverse: bool):
+    """For reference loops: the [B] flags that drop the state carried into step ``t``, or None.
+    Forwards a flag at ``t`` starts a segment there; backwards the carry into ``t`` comes from
+    ``t + 1``, so it is dropped when ``t + 1`` starts a segment (and never at the last step)."""
+    if reset is None:
+        return None
+    if not reverse:
+        return reset[:, t]
+    return reset[:, t + 1] if t + 1 < time else None

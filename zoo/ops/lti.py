@@ -64,7 +64,7 @@ import numpy as np
 from jax import lax
 
 from zoo.ops import diagonal
-from zoo.ops._time import reset_for_reverse
+from zoo.ops._time import reset_before, reset_for_reverse
 from zoo.ops.lti_kernels import (
     DISCRETISATIONS,
     causal_conv,
@@ -413,9 +413,7 @@ def reference(system, u, *, initial_state=None, reset=None, reverse: bool = Fals
     time = u.shape[1]
     ys = [None] * time
     for t in (range(time - 1, -1, -1) if reverse else range(time)):
-        flag = None
-        if reset is not None:
-            flag = reset[:, t] if not reverse else (reset[:, t + 1] if t + 1 < time else None)
+        flag = reset_before(reset, t, time, reverse)
         if flag is not None:
             keep = ~jnp.asarray(flag)
             state = jax.tree.map(lambda s, k=keep: s * k.reshape((-1,) + (1,) * (s.ndim - 1)), state)

@@ -77,7 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.ops import diagonal
-from zoo.ops._time import check_reset, reset_for_reverse
+from zoo.ops._time import check_reset, reset_before, reset_for_reverse
 from zoo.ops.diagonal_pairs import fmap
 from zoo.ops.selective_chunks import Static, discretise, gate, readout, scan_in_chunks
 
@@ -353,11 +353,9 @@ def reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus
     time = p.u.shape[2]
     outputs = [None] * time
     for t in (range(time - 1, -1, -1) if reverse else range(time)):
-        if p.reset is not None:
-            # Forward, a segment starts at t; backward, the carry from t + 1 ends a segment.
-            flag = p.reset[:, t] if not reverse else (p.reset[:, t + 1] if t + 1 < time else None)
-            if flag is not None:
-                h = jnp.where(flag[:, None, None], jnp.zeros_like(h), h)
+        flag = reset_before(p.reset, t, time, reverse)
+        if flag is not None:
+            h = jnp.where(flag[:, None, None], jnp.zeros_like(h), h)
         u_t = p.u[:, :, t].astype(acc)
         h = jnp.exp(dt[:, :, t, None] * a_mat) * h + (dt[:, :, t] * u_t)[:, :, None] * per_channel(b_mat, t)
         y = jnp.einsum("bdn,bdn->bd", h, per_channel(c_mat, t))

@@ -78,7 +78,7 @@ import numpy as np
 from jax import lax
 
 from zoo.ops._checks import check_float
-from zoo.ops._time import check_reset, reset_for_reverse
+from zoo.ops._time import check_reset, reset_before, reset_for_reverse
 
 LOCAL_MODES = ("chunked", "sequential")
 
@@ -380,10 +380,7 @@ def reference(q, k, v, *, window: int | None = None, initial_state=None, reset=N
     order = range(time - 1, -1, -1) if reverse else range(time)
     outputs = [None] * time
     for t in order:
-        # Forwards a flag at t starts a segment at t; backwards the carry into t is dropped when
-        # t + 1 starts one.
-        flag = None if reset is None else (reset[:, t] if not reverse else
-                                           (reset[:, t + 1] if t + 1 < time else None))
+        flag = reset_before(reset, t, time, reverse)
         if flag is not None:
             state = _fresh_where(flag, fresh, state)
         state, outputs[t] = step(state, q[:, t], k[:, t], v[:, t], scale=scale, rope=rope)

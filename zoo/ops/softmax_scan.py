@@ -68,7 +68,7 @@ from jax import lax
 from zoo.ops import softmax
 from zoo.ops._checks import check_float, check_positive_int, shape_of
 from zoo.ops._checks import check_mode as resolve_mode
-from zoo.ops._time import check_reset, reset_for_reverse
+from zoo.ops._time import check_reset, reset_before, reset_for_reverse
 
 MODES = ("associative", "sequential")
 WINDOW_MODES = softmax.LOCAL_MODES
@@ -324,10 +324,7 @@ def reference(s, v, *, initial_state=None, reset=None, reverse: bool = False, wi
     order = range(time - 1, -1, -1) if reverse else range(time)
     outputs = [None] * time
     for t in order:
-        # Forwards a flag at t starts a segment at t; backwards the carry into t is dropped when
-        # t + 1 starts one.
-        flag = None if reset is None else (reset[:, t] if not reverse else
-                                           (reset[:, t + 1] if t + 1 < time else None))
+        flag = reset_before(reset, t, time, reverse)
         if flag is not None:
             state = {k: jnp.where(_rows(flag, x), fresh[k], x) for k, x in state.items()}
         state, outputs[t] = step(state, s[:, t], v[:, t])
