@@ -80,6 +80,7 @@ from jax import lax
 
 from zoo.ops._checks import check_float, check_positive_int, check_qkv, check_shape, shape_of
 from zoo.ops._checks import check_mode as resolve_mode
+from zoo.ops._dispatch import use_pallas
 from zoo.ops._time import check_reset, reset_for_reverse
 from zoo.ops.matrix_chunks import DEFAULT_CHUNK_SCALAR, DEFAULT_CHUNK_VECTOR, SUB_CHUNK, Problem, chunked
 
@@ -290,9 +291,15 @@ def _apply(q, k, v, log_decay, log_input_gate, initial_state, reset, *, normaliz
 
 def apply(q, k, v, log_decay=None, *, log_input_gate=None, normalizer=None, eps: float = 1e-6, scale=None,
           initial_state=None, reset=None, reverse: bool = False, exclusive: bool = False, mode: str = "auto",
-          chunk_size=None):
-    """The recurrence over axis 1; returns ``(o, final_state)``. See the module docstring."""
+          chunk_size=None, implementation=None):
+    """The recurrence over axis 1; returns ``(o, final_state)``. See the module docstring.
+
+    ``implementation`` ("xla", "pallas" or a list tried in turn; None: Pallas on GPU/TPU when
+    ``mode="auto"``) picks ``pallas_kernels.chunked_gla`` for the cases it covers (a scalar decay per
+    head, real float32/bfloat16 inputs, no normaliser or input gate, forward, inclusive readout, a
+    plain state array); anything else runs XLA, with one warning when Pallas was asked for."""
     who = "matrix.apply"
+    requested_mode = mode
     mode = check_mode(who, mode)
     batch, time, *_ = _validate(who, q, k, v, log_decay, log_input_gate, normalizer, initial_state)
     vector_decay = log_decay is not None and np.ndim(log_decay) == 4
@@ -300,9 +307,38 @@ def apply(q, k, v, log_decay=None, *, log_input_gate=None, normalizer=None, eps:
     if exclusive and log_input_gate is not None:
         raise ValueError(f"{who}: exclusive=True (read before the update) is not offered with log_input_gate")
     reset = check_reset(who, reset, batch, time)
+    unsupported = _pallas_unsupported(q, k, v, log_decay, log_input_gate, normalizer, initial_state, reverse,
+                                      exclusive, chunk_size)
+    if use_pallas(who, implementation, requested_mode, unsupported):
+        from pallas_kernels.chunked_gla import chunked_gla  # Pallas loads only when asked for
+
+        g = jnp.zeros(q.shape[:3], jnp.float32) if log_decay is None else log_decay
+        return chunked_gla(q, k, v, g, initial_state, reset=reset, scale=scale,
+                           chunk_size=chunk_size or DEFAULT_CHUNK_SCALAR)
     return _apply(q, k, v, log_decay, log_input_gate, initial_state, reset, normalizer=normalizer,
                   eps=float(eps), scale=None if scale is None else float(scale), reverse=bool(reverse),
                   exclusive=bool(exclusive), mode=mode, chunk=chunk)
+
+
+def _pallas_unsupported(q, k, v, log_decay, log_input_gate, normalizer, initial_state, reverse, exclusive,
+                        chunk_size):
+    """Why pallas_kernels.chunked_gla cannot run this call, or None when it can."""
+    dtypes = {x.dtype for x in (q, k, v)}
+    if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
+        return "chunk sizes other than powers of two >= 16"
+    if log_decay is not None and np.ndim(log_decay) == 4:
+        return "a decay per key dimension (GLA)"
+    if log_input_gate is not None or normalizer is not None:
+        return "normalisers or the mLSTM input gate"
+    if reverse or exclusive:
+        return "reverse=True or exclusive=True"
+    if len(dtypes) != 1 or dtypes.pop() not in (jnp.float32, jnp.bfloat16):
+        return "inputs other than all float32 or all bfloat16"
+    if log_decay is not None and jnp.iscomplexobj(log_decay):
+        return "complex decays"
+    if isinstance(initial_state, MatrixState):
+        return "a MatrixState initial state"
+    return None
 
 
 @functools.partial(jax.jit, static_argnames=("normalizer", "eps", "scale", "exclusive"))

@@ -1,0 +1,47 @@
+"""Choosing between an engine's XLA modes and a Pallas kernel (``pallas_kernels``).
+
+``implementation=`` on an engine takes "xla", "pallas", or an ordered list of them tried in turn;
+None means: the kernel on GPU and TPU when the mode is "auto", XLA otherwise. The choice happens at
+trace time, from the platform and the inputs. A kernel that cannot take an input (an option it does
+not implement, a dtype it does not support) is skipped with one warning per reason, and XLA runs:
+never a silent wrong result, never an error for a supported call.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+
+IMPLEMENTATIONS = ("xla", "pallas")
+_warned: set[tuple[str, str]] = set()
+
+
+def _as_list(who: str, implementation) -> list[str]:
+    names = [implementation] if isinstance(implementation, str) else list(implementation)
+    for name in names:
+        if name not in IMPLEMENTATIONS:
+            raise ValueError(f"{who}: implementation={implementation!r}; each entry must be one of "
+                             f"{IMPLEMENTATIONS}")
+    return names
+
+
+def use_pallas(who: str, implementation, mode: str, unsupported: str | None) -> bool:
+    """Whether to run the Pallas kernel. ``unsupported`` says why the kernel cannot take this call
+    (None when it can); ``mode`` is the caller's mode before "auto" is resolved."""
+    if implementation is None:
+        if mode != "auto" or jax.default_backend() not in ("gpu", "tpu"):
+            return False
+        names = ["pallas"]
+    else:
+        names = _as_list(who, implementation)
+    for name in names:
+        if name == "xla":
+            return False
+        if unsupported is None:
+            return True
+        if (who, unsupported) not in _warned:
+            _warned.add((who, unsupported))
+            warnings.warn(f"{who}: the Pallas kernel does not support {unsupported}; running XLA instead",
+                          stacklevel=3)
+    return False
