@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zoo.ops import _dispatch, matrix
+from zoo.ops import _dispatch, matrix, matrix_ops
 
 B, T, H, K, V = 2, 37, 2, 8, 12
 
@@ -66,3 +66,17 @@ def test_auto_on_cpu_is_xla_and_bad_names_raise():
     assert _dispatch.use_pallas("t", "pallas", "chunked", None)
     with pytest.raises(ValueError, match="implementation="):
         matrix.apply(q, k, v, g, implementation="triton")
+
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_front_ends_pass_implementation_to_the_engine(impl):
+    q, k, v, g, s0, reset = _inputs()
+    front_ends = {"simple_gla": lambda: matrix_ops.simple_gla(q, k, v, g, reset=reset, implementation=impl),
+                  "retention": lambda: matrix_ops.retention(q, k, v, implementation=impl),
+                  "linear_attention": lambda: matrix_ops.linear_attention(q, k, v, implementation=impl)}
+    for name, call in front_ends.items():
+        assert ("pallas_call" in str(jax.make_jaxpr(call)())) == (impl == "pallas"), name
+    got, _ = matrix_ops.simple_gla(q, k, v, g, initial_state=s0, reset=reset, implementation=impl)
+    want, _ = matrix.reference(q, k, v, g, initial_state=s0, reset=reset)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

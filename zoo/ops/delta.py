@@ -27,7 +27,7 @@ Shapes (FLA's layout)::
 Public API::
 
     o, final_state = apply(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None, reset=None,
-                           reverse=False, mode="auto", chunk_size=None)
+                           reverse=False, mode="auto", chunk_size=None, implementation=None)
     new_state, o_t = step(state, q_t, k_t, v_t, beta_t, log_decay_t=None, *, scale=None)
     o, final_state = reference(...)      # a plain Python loop, float64 under x64
 
@@ -39,6 +39,10 @@ Modes (all equal ``reference`` in values and, by autodiff, in gradients):
 * ``"chunked"`` (``"auto"``): the WY / UT form of ``zoo/ops/delta_chunks.py``: per chunk of C steps
   (default 64) one unit-triangular solve and matmuls, then a scan over the T / C chunks.
 * ``"sequential"``: a scan over time carrying the [K, V] state per head.
+
+``implementation`` ("xla", "pallas" or a list tried in turn; None: Pallas on GPU/TPU when
+``mode="auto"``, XLA otherwise) picks ``pallas_kernels.chunked_delta`` (the same WY / UT chunked form
+with the state on chip) for the calls it covers; anything else runs XLA (``zoo/ops/_dispatch.py``).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from jax import lax
 
 from zoo.ops._checks import check_float, check_positive_int, check_qkv, check_shape
 from zoo.ops._checks import check_mode as resolve_mode
+from zoo.ops._dispatch import use_pallas
 from zoo.ops._time import check_reset, reset_for_reverse
 from zoo.ops.delta_chunks import DEFAULT_CHUNK, Problem, chunked
 
@@ -154,16 +159,52 @@ def _apply(q, k, v, beta, log_decay, initial_state, reset, *, scale, reverse, mo
 
 
 def apply(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None, reset=None, reverse: bool = False,
-          mode: str = "auto", chunk_size=None):
-    """The recurrence over axis 1; returns ``(o, final_state)``. See the module docstring."""
+          mode: str = "auto", chunk_size=None, implementation=None):
+    """The recurrence over axis 1; returns ``(o, final_state)``. See the module docstring.
+
+    ``implementation`` ("xla", "pallas" or a list tried in turn; None: Pallas on GPU/TPU when
+    ``mode="auto"``) picks ``pallas_kernels.chunked_delta`` for the calls it covers (q, k, v all
+    float32 or all bfloat16, β, g and the initial state at most float32, chunk sizes that
+    are powers of two >= 16); anything else runs XLA, with one warning when Pallas was asked for."""
     who = "delta.apply"
+    requested_mode = mode
     mode = check_mode(who, mode)
     batch, time, *_ = _validate(who, q, k, v, beta, log_decay, initial_state)
     chunk = check_chunk_size(who, chunk_size, mode)
     reset = check_reset(who, reset, batch, time)
     scale = None if scale is None else float(scale)
+    unsupported = _pallas_unsupported(q, k, v, beta, log_decay, initial_state, chunk_size)
+    if use_pallas(who, implementation, requested_mode, unsupported):
+        return _pallas(q, k, v, beta, log_decay, initial_state, reset, scale, bool(reverse),
+                       chunk_size or DEFAULT_CHUNK)
     return _apply(q, k, v, beta, log_decay, initial_state, reset, scale=scale, reverse=bool(reverse),
                   mode=mode, chunk=chunk)
+
+
+def _pallas(q, k, v, beta, log_decay, initial_state, reset, scale, reverse: bool, chunk: int):
+    """pallas_kernels.chunked_delta; ``reverse`` runs it forwards over the flipped sequence, with the
+    flags moved as ``_prepare`` moves them for the XLA modes."""
+    from pallas_kernels.chunked_delta import chunked_delta  # Pallas loads only when asked for
+
+    if reverse:
+        q, k, v, beta, log_decay = (None if x is None else jnp.flip(x, axis=1)
+                                    for x in (q, k, v, beta, log_decay))
+        reset = reset_for_reverse(reset)
+    o, S = chunked_delta(q, k, v, beta, log_decay, initial_state, reset=reset, scale=scale, chunk_size=chunk)
+    return (jnp.flip(o, axis=1) if reverse else o), S
+
+
+def _pallas_unsupported(q, k, v, beta, log_decay, initial_state, chunk_size):
+    """Why pallas_kernels.chunked_delta cannot run this call, or None when it can."""
+    dtypes = {x.dtype for x in (q, k, v)}
+    if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
+        return "chunk sizes other than powers of two >= 16"
+    if len(dtypes) != 1 or dtypes.pop() not in (jnp.float32, jnp.bfloat16):
+        return "inputs other than all float32 or all bfloat16"
+    # The kernel keeps a float32 state: wider β, g or initial states (float64 under x64) stay on XLA.
+    if any(x is not None and jnp.finfo(x.dtype).bits > 32 for x in (beta, log_decay, initial_state)):
+        return "float64 beta, log_decay or initial_state"
+    return None
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))

@@ -34,31 +34,33 @@ def l2_normalize(x, eps: float = L2NORM_EPS):
 
 
 def _run(who, q, k, v, beta, g, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, reset,
-         reverse, mode, chunk_size):
+         reverse, mode, chunk_size, implementation):
     if use_qk_l2norm_in_kernel:
         check_float(who, "q", q)
         check_float(who, "k", k)
         q, k = l2_normalize(q), l2_normalize(k)
     o, state = delta.apply(q, k, v, beta, g, scale=scale, initial_state=initial_state, reset=reset,
-                           reverse=reverse, mode=mode, chunk_size=chunk_size)
+                           reverse=reverse, mode=mode, chunk_size=chunk_size, implementation=implementation)
     return o, (state if output_final_state else None)
 
 
 def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state: bool = False,
                use_qk_l2norm_in_kernel: bool = False, reset=None, reverse: bool = False, mode: str = "auto",
-               chunk_size=None):
+               chunk_size=None, implementation=None):
     """DeltaNet's delta rule (S. Yang et al., "Parallelizing Linear Transformers with the Delta Rule
     over Sequence Length", NeurIPS 2024): ``S_t = (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ``,
-    ``o_t = S_tᵀ q_t · scale``; FLA's ``chunk_delta_rule`` / ``fused_recurrent_delta_rule``."""
+    ``o_t = S_tᵀ q_t · scale``; FLA's ``chunk_delta_rule`` / ``fused_recurrent_delta_rule``.
+    ``implementation``: see ``zoo.ops.delta.apply`` (the Pallas kernel ``chunked_delta`` or XLA)."""
     return _run("delta_rule", q, k, v, beta, None, scale, initial_state, output_final_state,
-                use_qk_l2norm_in_kernel, reset, reverse, mode, chunk_size)
+                use_qk_l2norm_in_kernel, reset, reverse, mode, chunk_size, implementation)
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state: bool = False,
                      use_qk_l2norm_in_kernel: bool = False, reset=None, reverse: bool = False,
-                     mode: str = "auto", chunk_size=None):
+                     mode: str = "auto", chunk_size=None, implementation=None):
     """The gated delta rule (S. Yang, J. Kautz, A. Hatamizadeh, "Gated Delta Networks", ICLR 2025):
     ``S_t = exp(g_t) (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ`` with g [B, T, H] the log decay (note
-    FLA's order: g before beta); FLA's ``chunk_gated_delta_rule`` / ``fused_recurrent_gated_delta_rule``."""
+    FLA's order: g before beta); FLA's ``chunk_gated_delta_rule`` / ``fused_recurrent_gated_delta_rule``.
+    ``implementation``: see ``zoo.ops.delta.apply``."""
     return _run("gated_delta_rule", q, k, v, beta, g, scale, initial_state, output_final_state,
-                use_qk_l2norm_in_kernel, reset, reverse, mode, chunk_size)
+                use_qk_l2norm_in_kernel, reset, reverse, mode, chunk_size, implementation)

@@ -12,7 +12,7 @@ Shapes (letters as in DESIGN.md; ``...`` is any number of feature axes, e.g. [H,
 Public API::
 
     h, final_state = apply(a, b, *, initial_state=None, reset=None, reverse=False, mode="auto",
-                           chunk_size=None)
+                           chunk_size=None, implementation=None)
     h, final_state = apply_log(log_a, b=None, *, log_b=None, initial_state=None, reset=None,
                                reverse=False, mode="auto")
     h_new          = step(a_t, b_t, h)                   # one step; a_t, b_t, h are [B, ...]
@@ -42,7 +42,8 @@ is its own mode's forward pass plus one element-wise product, and only ``h`` is 
   XLA element-wise pass over the same bytes (no recurrence) 19.7 ms: the sequential pass runs at
   the element-wise ceiling. The parallel forms move several times the data of one pass, which pays
   only where many cores would otherwise idle.
-  The GPU/TPU choice is not measured yet (no device here): a Pallas kernel is planned there.
+  The GPU/TPU choice is not measured yet (no device here). ``implementation=`` (below) runs the
+  Pallas kernel ``pallas_kernels.diagonal_scan`` instead, by default on GPU/TPU when ``mode="auto"``.
 
 ``reverse=True`` runs time backwards; ``reset`` keeps its meaning (a flag marks where a segment
 starts), following ``zoo/ops/_time.py``: running backwards, the carry from ``t + 1`` into ``t`` is
@@ -91,6 +92,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from zoo.ops._dispatch import use_pallas
 from zoo.ops._time import check_reset, reset_for_reverse
 from zoo.ops.diagonal_pairs import Field, add, conj, fmap, mul, real_part, shift_from_previous, zero_where
 from zoo.ops.diagonal_sequential import scan_batch_major
@@ -359,10 +361,13 @@ def _apply_parallel(p: _Problem, reverse: bool, mode: str, chunk: int):
 
 
 def apply(a, b, *, initial_state=None, reset=None, reverse: bool = False, mode: str = "auto",
-          chunk_size: int | None = None):
+          chunk_size: int | None = None, implementation=None):
     """Run ``h_t = a_t ⊙ h_{t-1} + b_t`` over axis 1. Returns ``(h [B, T, ...], final_state [B, ...])``.
 
-    See the module docstring for shapes, modes, complex inputs and dtypes.
+    See the module docstring for shapes, modes, complex inputs and dtypes. ``implementation``
+    ("xla", "pallas" or a list tried in turn; None: Pallas on GPU/TPU when ``mode="auto"``) picks
+    ``pallas_kernels.diagonal_scan`` for real float32/bfloat16 ``a`` and ``b``; complex and
+    (real, imag) inputs and other dtypes run XLA, with one warning when Pallas was asked for.
     """
     who = "diagonal.apply"
     _check_mode(who, mode, MODES)
@@ -370,6 +375,13 @@ def apply(a, b, *, initial_state=None, reset=None, reverse: bool = False, mode: 
     if chunk_size is not None and mode not in ("chunked", "auto"):
         raise ValueError(f"{who}: chunk_size={chunk_size} only applies to mode='chunked', got mode={mode!r}")
     p = _prepare(who, a, b, initial_state, reset)
+    if use_pallas(who, implementation, mode, _pallas_unsupported(a, b, p.form)):
+        from pallas_kernels.diagonal_scan import diagonal_scan  # Pallas loads only when asked for
+
+        # The caller's a and b, not p's float32 copies: bfloat16 stays bfloat16 in device memory.
+        a = jnp.reshape(jnp.asarray(a), _shape(p.a))
+        h0 = None if initial_state is None else p.h0
+        return diagonal_scan(a, jnp.asarray(b), h0, reset=p.reset, reverse=bool(reverse))
     if mode == "auto":
         mode = "chunked" if chunk_size is not None else _auto_mode()
     reverse = bool(reverse)
@@ -378,6 +390,16 @@ def apply(a, b, *, initial_state=None, reset=None, reverse: bool = False, mode: 
     else:
         h, final = _apply_parallel(p, reverse, mode, chunk)
     return _finish(h, final, p.form)
+
+
+def _pallas_unsupported(a, b, form: _Form) -> str | None:
+    """Why pallas_kernels.diagonal_scan cannot run this call, or None when it can."""
+    if form.kind != "real":
+        return "complex or (real, imag) inputs"
+    dtypes = {jnp.asarray(x).dtype for x in (a, b)}
+    if not dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}:
+        return "dtypes other than float32 and bfloat16"
+    return None
 
 
 def step(a_t, b_t, h):

@@ -15,7 +15,7 @@ N state, G groups of channels sharing B and C)::
     out[, final_state] = selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                                         delta_softplus=False, *, initial_state=None, reset=None,
                                         reverse=False, return_final_state=False, mode="auto",
-                                        chunk_size=None)
+                                        chunk_size=None, implementation=None)
     new_state, out_t   = selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
                                                 dt_softplus=False)          # one step
     out[, final_state] = reference(...)       # selective_scan's arguments, minus mode and chunk_size
@@ -53,6 +53,12 @@ N=16, float32, with D, z, delta_bias and softplus as Mamba calls it): ``"chunked
 zeros the size of the gradients. All the states would be 2048 MB; the ``"associative"`` mode held
 5.1 GB more than ``"sequential"`` already at L=8192.
 
+Implementation. ``implementation="pallas"`` (or None with ``mode="auto"`` on GPU/TPU) runs
+``pallas_kernels.selective_scan``: the same algorithm (states saved every ``chunk_size`` steps,
+default 64, and recomputed within each tile in the backward pass) as one kernel with the [N, D-tile]
+state on chip. Calls it does not cover (complex A, time-invariant or shared B/C, float64, small
+groups) run XLA with one warning. On CPU the default stays XLA.
+
 ``reverse=True`` runs time backwards, and ``reset`` keeps its meaning (a flag marks where a segment
 starts; ``zoo/ops/_time.py``). It flips the [B, D, L] inputs, which costs one copy of each.
 
@@ -77,12 +83,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.ops import diagonal
+from zoo.ops._dispatch import use_pallas
 from zoo.ops._time import check_reset, reset_before, reset_for_reverse
 from zoo.ops.diagonal_pairs import fmap
 from zoo.ops.selective_chunks import Static, discretise, gate, readout, scan_in_chunks
 
 MODES = ("sequential", "chunked", "associative")
 DEFAULT_CHUNK_SIZE = {"sequential": 256, "chunked": 64}
+DEFAULT_PALLAS_CHUNK_SIZE = 64      # time tile of the Pallas kernel (states saved every 64 steps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,22 +282,54 @@ def _resolve_mode(who: str, mode: str, chunk_size, time: int) -> tuple[str, int]
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus: bool = False, *,
                    initial_state=None, reset=None, reverse: bool = False, return_final_state: bool = False,
-                   mode: str = "auto", chunk_size: int | None = None):
+                   mode: str = "auto", chunk_size: int | None = None, implementation=None):
     """Mamba's selective scan. Returns ``out`` [B, D, L], or ``(out, final_state)``.
 
     See the module docstring for shapes, modes, complex A and what differs from mamba_ssm.
+    ``implementation`` ("xla", "pallas" or a list tried in turn; None: Pallas on GPU/TPU when
+    ``mode="auto"``) picks ``pallas_kernels.selective_scan`` for the calls it covers (real float32 A,
+    float32/bfloat16 u, delta, z, B and C given per batch row and step, ``chunk_size`` None or a power
+    of two >= 8, groups of more than 64 channels when G > 1); anything else runs XLA, with one warning
+    when Pallas was asked for.
     """
     who = "selective_scan"
     p = _prepare(who, u, delta, A, B, C, D, z, delta_bias, initial_state, reset)
     inner, chunk = _resolve_mode(who, mode, chunk_size, p.u.shape[2])
     if reverse:
         p = _flip_time(p)
+    if use_pallas(who, implementation, mode, _pallas_unsupported(p, chunk_size)):
+        from pallas_kernels.selective_scan import selective_scan as kernel  # Pallas loads only when asked for
+
+        out, final = kernel(p.u, p.delta, p.A, p.Bm, p.Cm, p.skip, p.z, p.bias, bool(delta_softplus),
+                            initial_state=p.h0, reset=p.reset,
+                            chunk_size=DEFAULT_PALLAS_CHUNK_SIZE if chunk_size is None else int(chunk_size))
+        if reverse:
+            out = jnp.flip(out, 2)
+        return (out, final) if return_final_state else out
     static = Static(softplus=bool(delta_softplus), inner=inner, chunk=chunk, out_dtype=p.u.dtype)
     out, final = scan_in_chunks(static, p.u, p.delta, p.z, p.A, p.Bm, p.Cm, p.skip, p.bias, p.h0, p.reset)
     if reverse:
         out = jnp.flip(out, 2)
     final = _state_form(final, p.complex_dtype)
     return (out, final) if return_final_state else out
+
+
+def _pallas_unsupported(p: _Problem, chunk_size) -> str | None:
+    """Why pallas_kernels.selective_scan cannot run this (normalised) call, or None when it can."""
+    if isinstance(p.A, tuple):
+        return "complex A"
+    if _shape_dtype(p.A) != jnp.float32 or any(x is not None and x.dtype not in (jnp.float32, jnp.bfloat16)
+                                                for x in (p.u, p.delta, p.z)):
+        return "inputs other than float32 or bfloat16"
+    batch, d, time = p.u.shape
+    if any(m.shape[0] != batch or m.shape[3] != time for m in (p.Bm, p.Cm)):
+        return "B or C shared over the batch or over time (time-invariant [D, N])"
+    groups = p.Bm.shape[1]
+    if groups > 1 and d // groups <= 64:
+        return "grouped B/C with 64 or fewer channels per group (the TPU kernel's 128-lane tiles)"
+    if chunk_size is not None and (chunk_size < 8 or chunk_size & (chunk_size - 1)):
+        return "chunk sizes other than powers of two >= 8"
+    return None
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus: bool = False):

@@ -1,0 +1,182 @@
+"""chunked_delta: the WY / UT chunked form of the (gated) delta rule, as a Pallas kernel for GPU
+(Triton) and TPU (Mosaic) with a Pallas backward.
+
+    S_t = exp(g_t) (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,    o_t = S_tᵀ q_t · scale
+
+(S. Yang et al., "Parallelizing Linear Transformers with the Delta Rule over Sequence Length",
+NeurIPS 2024 (DeltaNet, log_decay=None); S. Yang, J. Kautz, A. Hatamizadeh, "Gated Delta Networks:
+Improving Mamba2 with Delta Rule", ICLR 2025.) Public function::
+
+    o, final_state = chunked_delta(q, k, v, beta, log_decay=None, initial_state=None, *, reset=None,
+                                   scale=None, chunk_size=64, platform=None, interpret=False)
+
+q, k [B, T, H, K], v [B, T, H, V] (float32 or bfloat16, one dtype), beta [B, T, H] writing strengths,
+log_decay None (plain delta rule) or [B, T, H] log decays g <= 0, initial_state [B, H, K, V] (cast to
+float32; None: zeros), reset bool [B, T] (True: the state is dropped before step t, as in zoo's
+engines). o is [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32. Conventions are those of
+``zoo.ops.delta.apply`` (scale multiplies q, default K^-1/2). ``platform=None`` picks by
+``lax.platform_dependent``: the Triton kernel on cuda, the Mosaic kernel on tpu, the Triton kernel
+body in interpret mode on cpu; ``platform="gpu"``/``"tpu"`` forces one kernel (``interpret=True`` runs
+it on CPU, for tests). No ``reverse`` argument: ``zoo.ops.delta.apply`` runs reverse=True through
+this function on the flipped sequence.
+
+Outside the kernels, in XLA (and differentiated by JAX): the [B, T, H, ·] -> [B·H, T, ·] layout, the
+padding (T to whole chunks with β = 0, g = 0, q = k = v = 0, which leaves the state unchanged; K and V
+to powers of two >= 16 with zeros, which the rule keeps zero), the chunk-local cumulative sum b of g
+and the segment numbers of the resets. The custom_vjp covers the kernels: gradients w.r.t. q, k, v,
+beta, b and the initial state come from the backward kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.chunked_delta import gpu, tpu
+from pallas_kernels.chunked_delta.reference import chunked_delta_reference
+
+__all__ = ["chunked_delta", "chunked_delta_reference"]
+
+PLATFORMS = (None, "gpu", "tpu")
+DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, 1 << (int(n) - 1).bit_length())
+
+
+def _kernels(platform, interpret):
+    """(forward, backward) for one platform, or platform_dependent dispatchers."""
+    if platform == "gpu":
+        return (functools.partial(gpu.forward, interpret=interpret),
+                functools.partial(gpu.backward, interpret=interpret))
+    if platform == "tpu":
+        return (functools.partial(tpu.forward, interpret=interpret),
+                functools.partial(tpu.backward, interpret=interpret))
+
+    def dispatch(name):
+        def run(*args, **kw):
+            per_platform = {
+                "cpu": functools.partial(getattr(gpu, name), interpret=True, **kw),
+                "cuda": functools.partial(getattr(gpu, name), **kw),
+                "tpu": functools.partial(getattr(tpu, name), **kw),
+            }
+            return lax.platform_dependent(*args, **per_platform)
+        return run
+
+    return dispatch("forward"), dispatch("backward")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _core(q, k, v, beta, b, seg, state0, chunk, scale, platform, interpret):
+    forward, _ = _kernels(platform, interpret)
+    o, state, _ = forward(q, k, v, beta, b, seg, state0, chunk=chunk, scale=scale)
+    return o, state
+
+
+def _core_fwd(q, k, v, beta, b, seg, state0, chunk, scale, platform, interpret):
+    forward, _ = _kernels(platform, interpret)
+    o, state, states = forward(q, k, v, beta, b, seg, state0, chunk=chunk, scale=scale)
+    return (o, state), (q, k, v, beta, b, seg, states)
+
+
+def _core_bwd(chunk, scale, platform, interpret, residuals, cotangents):
+    q, k, v, beta, b, seg, states = residuals
+    do, dstate = cotangents
+    _, backward = _kernels(platform, interpret)
+    dq, dk, dv, dbeta, db, dstate0 = backward(q, k, v, beta, b, seg, states, do.astype(v.dtype),
+                                              dstate.astype(jnp.float32), chunk=chunk, scale=scale)
+    # seg (segment numbers from the reset flags) is piecewise constant: no gradient.
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv, dbeta, db, jnp.zeros_like(seg), dstate0
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _check(q, k, v, beta, log_decay, initial_state, reset, chunk_size, platform):
+    who = "chunked_delta"
+    if q.ndim != 4 or k.shape != q.shape:
+        raise ValueError(f"{who}: q and k must be [B, T, H, K] of one shape, got q {q.shape}, k {k.shape}")
+    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{who}: v must be [B, T, H, V] = {q.shape[:3]} + (V,), got {v.shape}")
+    if beta.shape != q.shape[:3]:
+        raise ValueError(f"{who}: beta must be [B, T, H] = {q.shape[:3]} (one strength per head and step), "
+                         f"got {beta.shape}")
+    if log_decay is not None and log_decay.shape != q.shape[:3]:
+        raise ValueError(f"{who}: log_decay must be [B, T, H] = {q.shape[:3]} (one log decay per head "
+                         f"and step), got {log_decay.shape}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in DTYPES:
+            raise TypeError(f"{who}: {name} must be float32 or bfloat16, got {x.dtype}")
+    if len({q.dtype, k.dtype, v.dtype}) != 1:
+        raise TypeError(f"{who}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, x in (("beta", beta), ("log_decay", log_decay)):
+        if x is not None and not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{who}: {name} must be a real float array, got {x.dtype}")
+    b, _, h, dk = q.shape
+    if initial_state is not None and initial_state.shape != (b, h, dk, v.shape[-1]):
+        raise ValueError(f"{who}: initial_state must be [B, H, K, V] = {(b, h, dk, v.shape[-1])}, "
+                         f"got {initial_state.shape}")
+    if reset is not None and (reset.shape != (b, q.shape[1]) or reset.dtype != jnp.bool_):
+        raise ValueError(f"{who}: reset must be bool [B, T] = {(b, q.shape[1])}, "
+                         f"got {reset.dtype} {reset.shape}")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"{who}: chunk_size must be a power of two >= 16, got {chunk_size}")
+    if platform not in PLATFORMS:
+        raise ValueError(f"{who}: platform must be one of {PLATFORMS}, got {platform!r}")
+
+
+def _to_rows(x, tp, width):
+    """[B, T, H, W] -> [B·H, Tp, width], zero-padded in time and width."""
+    batch, time, heads, w = x.shape
+    x = jnp.moveaxis(x, 2, 1).reshape(batch * heads, time, w)
+    return jnp.pad(x, ((0, 0), (0, tp - time), (0, width - w)))
+
+
+def _scalar_rows(x, tp):
+    """[B, T, H] float -> [B·H, Tp] float32, zero-padded in time."""
+    return _to_rows(x.astype(jnp.float32)[..., None], tp, 1)[..., 0]
+
+
+def _segments(reset, batch, time, heads, tp, chunk):
+    """[B·H, Tp] float32: inside each chunk, the number of resets at or before each step (0: the step
+    still sees the state entering the chunk). Padded steps never reset."""
+    if reset is None:
+        return jnp.zeros((batch * heads, tp), jnp.float32)
+    flags = jnp.pad(reset.astype(jnp.float32), ((0, 0), (0, tp - time)))
+    seg = jnp.cumsum(flags.reshape(batch, tp // chunk, chunk), axis=-1).reshape(batch, 1, tp)
+    return jnp.broadcast_to(seg, (batch, heads, tp)).reshape(batch * heads, tp)
+
+
+def chunked_delta(q, k, v, beta, log_decay=None, initial_state=None, *, reset=None, scale=None,
+                  chunk_size: int = 64, platform=None, interpret: bool = False):
+    """See the module docstring. Returns (o [B, T, H, V], final_state [B, H, K, V] float32)."""
+    _check(q, k, v, beta, log_decay, initial_state, reset, chunk_size, platform)
+    batch, time, heads, dk = q.shape
+    dv = v.shape[-1]
+    scale = float(dk ** -0.5 if scale is None else scale)
+    chunk = min(chunk_size, _pow2_at_least_16(time))
+    tp = -(-time // chunk) * chunk
+    kp, vp = _pow2_at_least_16(dk), _pow2_at_least_16(dv)
+    if vp > 128:
+        vp = -(-vp // 128) * 128
+    qr, kr, vr = _to_rows(q, tp, kp), _to_rows(k, tp, kp), _to_rows(v, tp, vp)
+    # Padded steps have β = 0 (write nothing) and g = 0 (keep the state).
+    betar = _scalar_rows(beta, tp)
+    if log_decay is None:
+        b = jnp.zeros((batch * heads, tp), jnp.float32)
+    else:
+        gr = _scalar_rows(log_decay, tp)
+        b = jnp.cumsum(gr.reshape(batch * heads, tp // chunk, chunk), axis=-1).reshape(batch * heads, tp)
+    seg = _segments(reset, batch, time, heads, tp, chunk)
+    if initial_state is None:
+        state0 = jnp.zeros((batch * heads, kp, vp), jnp.float32)
+    else:
+        state0 = jnp.pad(initial_state.astype(jnp.float32).reshape(batch * heads, dk, dv),
+                         ((0, 0), (0, kp - dk), (0, vp - dv)))
+    o, state = _core(qr, kr, vr, betar, b, seg, state0, chunk, scale, platform, bool(interpret))
+    o = jnp.moveaxis(o[:, :time, :dv].reshape(batch, heads, time, dv), 1, 2)
+    return o, state[:, :dk, :dv].reshape(batch, heads, dk, dv)
