@@ -118,9 +118,32 @@ CASES = [_registered(name, info) for name, info in MODELS.items()] + _combinator
 CAUSAL_CASES = [c for c in CASES if c.build(False).causal]
 
 
-def _mode_params(cases, with_auto=False):
-    return [pytest.param(c, m, id=f"{c.id}-{m}")
-            for c in cases for m in (("auto",) if with_auto else ()) + c.modes()]
+def _mode_params(cases, with_auto=False, secondary_slow=False):
+    """(case, mode) for every mode of every case. With ``secondary_slow``, the modes after a model's
+    first are marked ``slow``: the default suite still folds ``step`` against every mode with
+    gradients (test 1) and with resets (test 3, forwards), while the checks whose code path is the
+    same in every mode of nearly every model (two pieces, reverse, bfloat16, T = 1) run in the first
+    mode and in "auto", and in all modes under ``-m slow``. This keeps the default suite near its
+    time budget as models are added; each engine's own tests cover its modes in full."""
+    params = []
+    for c in cases:
+        for m in (("auto",) if with_auto else ()) + c.modes():
+            secondary = secondary_slow and m != "auto" and m != c.modes()[0]
+            params.append(pytest.param(c, m, id=f"{c.id}-{m}",
+                                       marks=[pytest.mark.slow] if secondary else []))
+    return params
+
+
+def _reset_params(cases):
+    """(case, mode, reverse): forwards in every mode, reverse in the first mode (all under -m slow)."""
+    params = []
+    for forward in _mode_params(cases):
+        c, m = forward.values
+        params.append(pytest.param(c, m, False, id=f"{c.id}-{m}-forward"))
+    for reverse in _mode_params(cases, secondary_slow=True):
+        c, m = reverse.values
+        params.append(pytest.param(c, m, True, id=f"{c.id}-{m}-reverse", marks=reverse.marks))
+    return params
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,7 +287,7 @@ def test_step_fold_equals_apply_with_gradients(case, mode):
 # 2. two pieces carrying the state == the whole.
 
 
-@pytest.mark.parametrize("case,mode", _mode_params(CAUSAL_CASES))
+@pytest.mark.parametrize("case,mode", _mode_params(CAUSAL_CASES, secondary_slow=True))
 def test_apply_in_two_pieces_carrying_state_equals_apply_whole(case, mode):
     s = setup(case)
     ys_a, mid = s.apply(s.xs[:, :T_SPLIT], state=s.s0, mode=mode)
@@ -288,8 +311,7 @@ def _separate_segments(apply, xs, reset, mode, reverse):
     return jnp.concatenate(rows)
 
 
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("case,mode", _mode_params(CASES))
+@pytest.mark.parametrize("case,mode,reverse", _reset_params(CASES))
 def test_reset_equals_running_segments_separately(case, mode, reverse):
     s = setup(case)
     if not s.rec.causal:
@@ -348,7 +370,7 @@ def test_vmap_over_an_extra_leading_axis_equals_a_loop(case):
         assert_tree_close(got, jax.tree.map(lambda *a: jnp.stack(a), *want), RTOL_F32, "vmapped step")
 
 
-@pytest.mark.parametrize("case,mode", _mode_params(CASES))
+@pytest.mark.parametrize("case,mode", _mode_params(CASES, secondary_slow=True))
 def test_bfloat16_compute_with_float32_state_is_within_a_percent_of_float32(case, mode):
     s = setup(case)
     # Both runs see the same bfloat16-rounded inputs, so the comparison measures the compute dtype
@@ -368,7 +390,7 @@ def test_bfloat16_compute_with_float32_state_is_within_a_percent_of_float32(case
         assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state16))
 
 
-@pytest.mark.parametrize("case,mode", _mode_params(CASES, with_auto=True))
+@pytest.mark.parametrize("case,mode", _mode_params(CASES, with_auto=True, secondary_slow=True))
 def test_single_time_step_sequence_equals_one_step(case, mode):
     s = setup(case)
     ys, final = s.apply(s.xs[:, :1], state=s.s0, mode=mode)
