@@ -26,13 +26,19 @@ def cast(params, dtype):
     return jax.tree.map(lambda p: p.astype(dtype), params)
 
 
-def cell_recurrence(name: str, cell, *, init, initial_state, input_width, default_d_in: int) -> Recurrence:
-    """The Recurrence of a cell run by the nonlinear engine (elman, lstm, gru, ...)."""
+def cell_recurrence(name: str, cell, *, init, initial_state, input_width, default_d_in: int,
+                    fused=None) -> Recurrence:
+    """The Recurrence of a cell run by the nonlinear engine (elman, lstm, gru, ...). ``fused`` (from
+    ``zoo/models/_fused.py``) may take ``apply`` to the fused Pallas cell kernel instead."""
 
     def step(params, h, x_t):
         return nonlinear.step(cell, params, h, x_t)
 
     def apply(params, xs, h, reset, mode, reverse):
+        if fused is not None:
+            result = fused(params, xs, h, reset, mode, reverse)
+            if result is not None:
+                return result
         return nonlinear.apply(cell, params, xs, initial_state=h, reset=reset, reverse=reverse, mode=mode)
 
     return make_recurrence(name, init=init, initial_state=initial_state, step=step, apply=apply,

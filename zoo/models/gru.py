@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.models._common import cast, cell_recurrence, dense_init, orthogonal_init
+from zoo.models._fused import check_implementation, fused_apply
 from zoo.ops import nonlinear
 from zoo.registry import register
 
@@ -47,10 +48,14 @@ from zoo.registry import register
 class GRUConfig:
     d_model: int = 32
     reset_after: bool = False
+    # "xla", "pallas" (pallas_kernels.fused_rnn_cell), a tuple tried in turn, or None: the kernel on
+    # GPU/TPU in mode "auto" (zoo/models/_fused.py).
+    implementation: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.d_model <= 0:
             raise ValueError(f"gru: d_model must be positive, got {self.d_model}")
+        check_implementation("gru", self.implementation)
 
 
 @register("gru", config=GRUConfig,
@@ -101,5 +106,15 @@ def build(config: GRUConfig):
     def initial_state(params, batch):
         return jnp.zeros((batch, d), jnp.float32)
 
+    def prepare(params, xs):
+        """The fused kernel's inputs: the hoisted input projection, W_rec and (reset after) b_rec."""
+        dt = xs.dtype
+        bias = params["bias_in"] if config.reset_after else params["bias"]
+        x_pre = xs @ params["w_in"].astype(dt) + bias.astype(dt)
+        kwargs = {"b_rec": params["bias_rec"]} if config.reset_after else {}
+        return x_pre, params["w_rec"].astype(dt), kwargs
+
+    fused = fused_apply("gru", config.implementation, cell="gru_reset_after" if config.reset_after else "gru",
+                        width=d, prepare=prepare)
     return cell_recurrence("gru", cell, init=init, initial_state=initial_state,
-                           input_width=lambda p: p["w_in"].shape[0], default_d_in=d)
+                           input_width=lambda p: p["w_in"].shape[0], default_d_in=d, fused=fused)

@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.models._common import cast, cell_recurrence, dense_init, orthogonal_init
+from zoo.models._fused import check_implementation, fused_apply
 from zoo.ops import nonlinear
 from zoo.registry import register
 
@@ -80,10 +81,14 @@ class LSTMConfig:
     d_model: int = 32
     variant: str = "vanilla"
     forget_bias: float = 1.0
+    # "xla", "pallas" (pallas_kernels.fused_rnn_cell, for "vanilla" and "np"), a tuple tried in turn,
+    # or None: the kernel on GPU/TPU in mode "auto" (zoo/models/_fused.py).
+    implementation: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"lstm: variant={self.variant!r}; choose one of {VARIANTS}")
+        check_implementation("lstm", self.implementation)
         if self.d_model <= 0:
             raise ValueError(f"lstm: d_model must be positive, got {self.d_model}")
 
@@ -163,5 +168,16 @@ def build(config: LSTMConfig):
             state["gates"] = jnp.zeros((batch, 3 * d), jnp.float32)
         return state
 
+    def prepare(params, xs):
+        """The fused kernel's inputs: the hoisted input projection, W_rec, the peepholes (i, f, o)."""
+        dt = xs.dtype
+        x_pre = xs @ params["w_in"].astype(dt) + params["bias"].astype(dt)
+        kwargs = {}
+        if peeps:
+            kwargs["peepholes"] = jnp.stack([params[f"peep_{g}"] for g in ("i", "f", "o")])
+        return x_pre, params["w_rec"].astype(dt), kwargs
+
+    reason = None if variant in ("vanilla", "np") else f"the {variant!r} variant"
+    fused = fused_apply("lstm", config.implementation, cell="lstm", width=d, prepare=prepare, reason=reason)
     return cell_recurrence("lstm", cell, init=init, initial_state=initial_state,
-                           input_width=lambda p: p["w_in"].shape[0], default_d_in=d)
+                           input_width=lambda p: p["w_in"].shape[0], default_d_in=d, fused=fused)

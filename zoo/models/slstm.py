@@ -77,6 +77,7 @@ import numpy as np
 
 from zoo.contract import make_recurrence
 from zoo.models._common import dense_init
+from zoo.models._fused import check_implementation, fused_apply
 from zoo.models._matrix_common import head_norm, split_heads
 from zoo.models.mamba2 import conv_init
 from zoo.models.mlstm import block_diagonal, layer_norm
@@ -109,9 +110,13 @@ class SLSTMConfig:
     ffn_act: str = "gelu"
     ffn_bias: bool = False
     norm_eps: float = 1e-5         # the LayerNorms and the per-head GroupNorm
+    # "xla", "pallas" (pallas_kernels.fused_rnn_cell for the cell's time loop), a tuple tried in turn,
+    # or None: the kernel on GPU/TPU in mode "auto" (zoo/models/_fused.py).
+    implementation: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
         check_config(self)
+        check_implementation("slstm", self.implementation)
 
     @property
     def d_head(self) -> int:
@@ -301,9 +306,16 @@ def build(config: SLSTMConfig):
             x_conv, window = conv1d.apply(x, params["conv_kernel"], params["conv_bias"], initial_state=window,
                                           reset=reset, reverse=reverse)
             x_conv = jax.nn.silu(x_conv)
-        hs, memory = nonlinear.apply(cell, params, input_preactivation(params, x, x_conv),
-                                     initial_state=memory, reset=reset, reverse=reverse, mode=mode)
+        pre = input_preactivation(params, x, x_conv)
+        kernel = fused(params, pre, memory, reset, mode, reverse)
+        hs, memory = kernel if kernel is not None else nonlinear.apply(
+            cell, params, pre, initial_state=memory, reset=reset, reverse=reverse, mode=mode)
         return readout(params, u, hs, xs.dtype).astype(xs.dtype), join_state(window, memory)
+
+    # The cell's time loop as one fused Pallas kernel where it applies: pre [B, T, 4, D] is the input
+    # part (W x̂ + b), R the block-diagonal recurrent matrix.
+    fused = fused_apply("slstm", config.implementation, cell="slstm", width=d,
+                        prepare=lambda params, pre: (pre, params["r"], {"forget_gate": config.forget_gate}))
 
     # Jitted once here so that eager calls are one dispatch; under an outer jit they are inlined.
     step, apply = jax.jit(step), jax.jit(apply, static_argnums=(4, 5))
