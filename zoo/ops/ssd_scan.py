@@ -66,7 +66,8 @@ y has x's dtype.
 
 Differences from mamba_ssm: ``dt_limit`` and ``cu_seqlens`` are not offered (``reset``/``seq_idx``
 cover packed sequences), and ``reset``, ``reverse`` and ``mode`` are added. Gradients are JAX's
-autodiff through each mode (no hand-written backward pass or Pallas kernel yet).
+autodiff through each mode; ``implementation="pallas"`` (the default on GPU/TPU) runs
+``pallas_kernels.chunked_gla`` instead, with its Pallas backward.
 
 Known upstream issue: in jaxlib 0.10.2 on CPU, ``jax.vmap`` of the *backward* pass of the chunked
 mode (e.g. ``jax.jacrev``) at some shapes (seen at batch 4 with two or more chunks) runs, but the
@@ -87,6 +88,7 @@ from jax import lax
 
 from zoo.ops._checks import check_float, check_positive_int, check_shape, shape_of
 from zoo.ops._checks import check_mode as resolve_mode
+from zoo.ops._dispatch import use_pallas
 from zoo.ops._time import reset_for_reverse
 
 MODES = ("chunked", "sequential")
@@ -331,18 +333,56 @@ def _ssd(x, dt, A, B, C, D, z, dt_bias, initial_states, reset, seq_idx, *, dt_so
 
 def ssd(x, dt, A, B, C, chunk_size=None, D=None, z=None, dt_bias=None, dt_softplus=False,
         initial_states=None, seq_idx=None, return_final_states=False, *, reset=None,
-        reverse: bool = False, mode: str = "auto"):
+        reverse: bool = False, mode: str = "auto", implementation=None):
     """Mamba-2's SSD over axis 1. Returns ``y`` or, with ``return_final_states``, ``(y, final_states)``.
 
-    See the module docstring for the equations, shapes, modes and segment flags.
+    See the module docstring for the equations, shapes, modes and segment flags. ``implementation``
+    ("xla", "pallas" or a list tried in turn; None: Pallas on GPU/TPU when ``mode="auto"``) runs the
+    recurrence as ``pallas_kernels.chunked_gla`` where it applies (real float32/bfloat16 inputs,
+    chunk sizes that are powers of two >= 16): SSD is chunked GLA with one scalar decay per head,
+    q = C, k = B, v = Δ x and the state transposed (``_ssd_pallas``).
     """
     who = "ssd"
+    requested_mode = mode
     mode = _check_mode(who, mode)
     chunk = check_chunk_size(who, chunk_size)
     _validate(who, x, dt, A, B, C, D, z, dt_bias, initial_states, reset, seq_idx)
     reset, seq_idx = (None if v is None else jnp.asarray(v) for v in (reset, seq_idx))
+    if use_pallas(who, implementation, requested_mode, _pallas_unsupported(x, chunk_size)):
+        return _ssd_pallas(x, dt, A, B, C, D, z, dt_bias, initial_states, reset, seq_idx,
+                           dt_softplus=bool(dt_softplus), reverse=bool(reverse), chunk=chunk,
+                           with_final=bool(return_final_states))
     return _ssd(x, dt, A, B, C, D, z, dt_bias, initial_states, reset, seq_idx, dt_softplus=bool(dt_softplus),
                 reverse=bool(reverse), mode=mode, chunk=chunk, with_final=bool(return_final_states))
+
+
+def _pallas_unsupported(x, chunk_size) -> str | None:
+    """Why pallas_kernels.chunked_gla cannot run this call (None when it can)."""
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        return f"inputs of dtype {x.dtype}"
+    if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
+        return "chunk sizes other than powers of two >= 16"
+    return None
+
+
+def _ssd_pallas(x, dt, A, B, C, D, z, dt_bias, initial_states, reset, seq_idx, *, dt_softplus, reverse,
+                chunk, with_final):
+    """SSD through ``pallas_kernels.chunked_gla``: per head, S_ssd [P, N] is the transpose of GLA's
+    state [K = N, V = P], so q = C_t, k = B_t (each head reads its group's), v = Δ_t x_t, g = Δ_t A,
+    scale 1. Segment starts go to the kernel as reset flags (finite decays), and the D skip, the z gate
+    and the reversal are the XLA modes' own (``_normalise``, ``_finish``)."""
+    from pallas_kernels.chunked_gla import chunked_gla  # Pallas loads only when asked for
+
+    p = _normalise(x, dt, A, B, C, D, z, dt_bias, initial_states, None, None, dt_softplus, reverse)
+    flags = _segment_flags(reset, seq_idx)
+    if reverse and flags is not None:
+        flags = reset_for_reverse(flags)
+    heads, groups = x.shape[2], B.shape[2]
+    per_head = lambda v: jnp.repeat(v, heads // groups, axis=2).astype(x.dtype)      # [b, T, H, N]
+    v = (p.delta[..., None] * p.x).astype(x.dtype)
+    y, final = chunked_gla(per_head(p.C), per_head(p.B), v, p.log_a, jnp.swapaxes(p.h0, -1, -2),
+                           reset=flags, scale=1.0, chunk_size=chunk)
+    return _finish(p, y.astype(p.x.dtype), jnp.swapaxes(final, -1, -2), reverse, x.dtype, with_final)
 
 
 @functools.partial(jax.jit, static_argnames=("dt_softplus",))
