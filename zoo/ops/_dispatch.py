@@ -1,7 +1,9 @@
 """Choosing between an engine's XLA modes and a Pallas kernel (``pallas_kernels``).
 
 ``implementation=`` on an engine takes "xla", "pallas", or an ordered list of them tried in turn;
-None means: the kernel on GPU and TPU when the mode is "auto", XLA otherwise. The choice happens at
+None means: the kernel on GPU and TPU when the mode is "auto", XLA otherwise. ``mode="pallas"`` is
+shorthand for ``implementation="pallas"`` (``pallas_mode``), with XLA's "auto" mode for what the
+kernel does not cover. The choice happens at
 trace time, from the platform and the inputs. A kernel that cannot take an input (an option it does
 not implement, a dtype it does not support) is skipped with one warning per reason, and XLA runs:
 never a silent wrong result, never an error for a supported call.
@@ -45,3 +47,14 @@ def use_pallas(who: str, implementation, mode: str, unsupported: str | None) -> 
             warnings.warn(f"{who}: the Pallas kernel does not support {unsupported}; running XLA instead",
                           stacklevel=3)
     return False
+
+
+def pallas_mode(who: str, mode: str, implementation):
+    """``(mode, implementation)`` with ``mode="pallas"`` read as ``implementation="pallas"`` and XLA's
+    ``mode="auto"`` as the fallback; any other mode passes through unchanged."""
+    if mode != "pallas":
+        return mode, implementation
+    if implementation not in (None, "pallas"):
+        raise ValueError(f"{who}: mode='pallas' asks for the Pallas kernel, which implementation="
+                         f"{implementation!r} contradicts; pass one of them")
+    return "auto", "pallas"

@@ -92,7 +92,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from zoo.ops._dispatch import use_pallas
+from zoo.ops._dispatch import pallas_mode, use_pallas
 from zoo.ops._time import check_reset, reset_for_reverse
 from zoo.ops.diagonal_pairs import Field, add, conj, fmap, mul, real_part, shift_from_previous, zero_where
 from zoo.ops.diagonal_sequential import scan_batch_major
@@ -370,6 +370,7 @@ def apply(a, b, *, initial_state=None, reset=None, reverse: bool = False, mode: 
     (real, imag) inputs and other dtypes run XLA, with one warning when Pallas was asked for.
     """
     who = "diagonal.apply"
+    mode, implementation = pallas_mode(who, mode, implementation)
     _check_mode(who, mode, MODES)
     chunk = _check_chunk_size(who, chunk_size)
     if chunk_size is not None and mode not in ("chunked", "auto"):

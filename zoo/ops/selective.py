@@ -83,7 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.ops import diagonal
-from zoo.ops._dispatch import use_pallas
+from zoo.ops._dispatch import pallas_mode, use_pallas
 from zoo.ops._time import check_reset, reset_before, reset_for_reverse
 from zoo.ops.diagonal_pairs import fmap
 from zoo.ops.selective_chunks import Static, discretise, gate, readout, scan_in_chunks
@@ -293,6 +293,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     when Pallas was asked for.
     """
     who = "selective_scan"
+    mode, implementation = pallas_mode(who, mode, implementation)
     p = _prepare(who, u, delta, A, B, C, D, z, delta_bias, initial_state, reset)
     inner, chunk = _resolve_mode(who, mode, chunk_size, p.u.shape[2])
     if reverse:

@@ -88,7 +88,7 @@ from jax import lax
 
 from zoo.ops._checks import check_float, check_positive_int, check_shape, shape_of
 from zoo.ops._checks import check_mode as resolve_mode
-from zoo.ops._dispatch import use_pallas
+from zoo.ops._dispatch import pallas_mode, use_pallas
 from zoo.ops._time import reset_for_reverse
 
 MODES = ("chunked", "sequential")
@@ -343,6 +343,7 @@ def ssd(x, dt, A, B, C, chunk_size=None, D=None, z=None, dt_bias=None, dt_softpl
     q = C, k = B, v = Δ x and the state transposed (``_ssd_pallas``).
     """
     who = "ssd"
+    mode, implementation = pallas_mode(who, mode, implementation)
     requested_mode = mode
     mode = _check_mode(who, mode)
     chunk = check_chunk_size(who, chunk_size)
