@@ -33,8 +33,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
+from pallas_kernels._common import platform_kernels, pow2_at_least
 from pallas_kernels.chunked_delta import gpu, tpu
 from pallas_kernels.chunked_delta.reference import chunked_delta_reference
 
@@ -44,30 +44,9 @@ PLATFORMS = (None, "gpu", "tpu")
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, 1 << (int(n) - 1).bit_length())
-
-
 def _kernels(platform, interpret):
     """(forward, backward) for one platform, or platform_dependent dispatchers."""
-    if platform == "gpu":
-        return (functools.partial(gpu.forward, interpret=interpret),
-                functools.partial(gpu.backward, interpret=interpret))
-    if platform == "tpu":
-        return (functools.partial(tpu.forward, interpret=interpret),
-                functools.partial(tpu.backward, interpret=interpret))
-
-    def dispatch(name):
-        def run(*args, **kw):
-            per_platform = {
-                "cpu": functools.partial(getattr(gpu, name), interpret=True, **kw),
-                "cuda": functools.partial(getattr(gpu, name), **kw),
-                "tpu": functools.partial(getattr(tpu, name), **kw),
-            }
-            return lax.platform_dependent(*args, **per_platform)
-        return run
-
-    return dispatch("forward"), dispatch("backward")
+    return platform_kernels(gpu, tpu, platform, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
@@ -158,9 +137,9 @@ def chunked_delta(q, k, v, beta, log_decay=None, initial_state=None, *, reset=No
     batch, time, heads, dk = q.shape
     dv = v.shape[-1]
     scale = float(dk ** -0.5 if scale is None else scale)
-    chunk = min(chunk_size, _pow2_at_least_16(time))
+    chunk = min(chunk_size, pow2_at_least(time))
     tp = -(-time // chunk) * chunk
-    kp, vp = _pow2_at_least_16(dk), _pow2_at_least_16(dv)
+    kp, vp = pow2_at_least(dk), pow2_at_least(dv)
     if vp > 128:
         vp = -(-vp // 128) * 128
     qr, kr, vr = _to_rows(q, tp, kp), _to_rows(k, tp, kp), _to_rows(v, tp, vp)

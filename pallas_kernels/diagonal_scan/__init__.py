@@ -34,8 +34,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
+from pallas_kernels._common import platform_kernels
 from pallas_kernels.diagonal_scan import gpu, tpu
 from pallas_kernels.diagonal_scan.reference import diagonal_scan_reference
 
@@ -48,24 +48,7 @@ F32 = jnp.float32
 
 def _kernels(platform, interpret):
     """(forward, backward) for one platform, or platform_dependent dispatchers."""
-    if platform == "gpu":
-        return (functools.partial(gpu.forward, interpret=interpret),
-                functools.partial(gpu.backward, interpret=interpret))
-    if platform == "tpu":
-        return (functools.partial(tpu.forward, interpret=interpret),
-                functools.partial(tpu.backward, interpret=interpret))
-
-    def dispatch(name):
-        def run(*args, **kw):
-            per_platform = {
-                "cpu": functools.partial(getattr(gpu, name), interpret=True, **kw),
-                "cuda": functools.partial(getattr(gpu, name), **kw),
-                "tpu": functools.partial(getattr(tpu, name), **kw),
-            }
-            return lax.platform_dependent(*args, **per_platform)
-        return run
-
-    return dispatch("forward"), dispatch("backward")
+    return platform_kernels(gpu, tpu, platform, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels._common import pow2_at_least
 from pallas_kernels.fused_rnn_cell import gpu, tpu
 from pallas_kernels.fused_rnn_cell._math import FORGET_GATES, SPECS
 from pallas_kernels.fused_rnn_cell.reference import fused_rnn_cell_reference
@@ -61,13 +62,9 @@ F32 = jnp.float32
 TPU_RESIDENT_BYTES = 12 * 1024 * 1024
 
 
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, 1 << (int(n) - 1).bit_length())
-
-
 def padded_width(d: int) -> int:
     """Dp: the kernel's channel width (a power of two >= 16; a multiple of 128 from 128 on)."""
-    return _pow2_at_least_16(d)
+    return pow2_at_least(d)
 
 
 def fits_on_chip(cell: str, d: int, dtype, platform: str) -> bool:
@@ -222,7 +219,7 @@ def fused_rnn_cell(cell: str, x_pre, w_rec, initial_state, *, reset=None, peepho
     spec = SPECS[cell]
     batch, time = x_pre.shape[:2]
     dp = padded_width(d)
-    bb = batch_block or min(64, _pow2_at_least_16(batch))
+    bb = batch_block or min(64, pow2_at_least(batch))
     bp = -(-batch // bb) * bb
     tc = min(time_block, max(time, 1))
     tp = -(-time // tc) * tc

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pallas_kernels._common import platform_kernels, pow2_at_least
 from pallas_kernels.selective_scan import gpu, tpu
 from pallas_kernels.selective_scan._math import Config
 from pallas_kernels.selective_scan.reference import selective_scan_reference
@@ -54,35 +55,14 @@ DTYPES = (jnp.float32, jnp.bfloat16)
 F32 = jnp.float32
 
 
-def _pow2_at_least(n: int, low: int) -> int:
-    return max(low, 1 << (int(n) - 1).bit_length())
-
-
 def _padded_group_width(per_group: int) -> int:
     """Channels of one group after padding: a power of two >= 8 up to 128, else a multiple of 128."""
-    return _pow2_at_least(per_group, 8) if per_group <= 128 else -(-per_group // 128) * 128
+    return pow2_at_least(per_group, 8) if per_group <= 128 else -(-per_group // 128) * 128
 
 
 def _kernels(platform, interpret):
     """(forward, backward) for one platform, or platform_dependent dispatchers."""
-    if platform == "gpu":
-        return (functools.partial(gpu.forward, interpret=interpret),
-                functools.partial(gpu.backward, interpret=interpret))
-    if platform == "tpu":
-        return (functools.partial(tpu.forward, interpret=interpret),
-                functools.partial(tpu.backward, interpret=interpret))
-
-    def dispatch(name):
-        def run(*args, **kw):
-            per_platform = {
-                "cpu": functools.partial(getattr(gpu, name), interpret=True, **kw),
-                "cuda": functools.partial(getattr(gpu, name), **kw),
-                "tpu": functools.partial(getattr(tpu, name), **kw),
-            }
-            return lax.platform_dependent(*args, **per_platform)
-        return run
-
-    return dispatch("forward"), dispatch("backward")
+    return platform_kernels(gpu, tpu, platform, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
@@ -224,10 +204,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if reason is not None:
         raise ValueError(f"{who}: B/C of shape {bm.shape}: {reason}")
 
-    tile = min(int(chunk_size), _pow2_at_least(time, 8))
+    tile = min(int(chunk_size), pow2_at_least(time, 8))
     lp = -(-time // tile) * tile
     nt = lp // tile
-    np_ = _pow2_at_least(n, 8)
+    np_ = pow2_at_least(n, 8)
     ppg = _padded_group_width(d // groups)
     channels = functools.partial(_pad_channels, groups=groups, per_group_padded=ppg)
 
