@@ -88,9 +88,12 @@ def test_decoding_after_a_prompt_matches_recurrentgemma_with_its_cache(pattern):
     zoo_config, lm = from_recurrentgemma(params, config)
     got_prompt, state = griffin.lm_apply(zoo_config, lm, tokens[:, :prompt])
     np.testing.assert_allclose(got_prompt, want_prompt, rtol=TOL, atol=TOL)
+    # Jitted once each: eager, every token dispatches the whole model op by op (minutes on 2 cores).
+    rg_step = jax.jit(model.apply)
+    zoo_step = jax.jit(griffin.lm_step, static_argnums=0)
     for t in range(prompt, T):
-        want_t, cache = model.apply(params, tokens[:, t:t + 1], positions[:, t:t + 1], cache)
-        state, got_t = griffin.lm_step(zoo_config, lm, state, tokens[:, t])
+        want_t, cache = rg_step(params, tokens[:, t:t + 1], positions[:, t:t + 1], cache)
+        state, got_t = zoo_step(zoo_config, lm, state, tokens[:, t])
         np.testing.assert_allclose(got_t, want_t[:, 0], rtol=TOL, atol=TOL, err_msg=f"token {t}")
 
 
