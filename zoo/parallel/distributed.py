@@ -7,12 +7,14 @@ first match wins:
 1. the keyword arguments;
 2. zoo's environment variables ``ZOO_COORDINATOR`` ("host:port" of process 0's coordinator service),
    ``ZOO_NUM_PROCESSES`` and ``ZOO_PROCESS_ID`` (0 .. num_processes - 1);
-3. JAX's own names ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``.
+3. the names in JAX's style, ``JAX_COORDINATOR_ADDRESS`` (which ``jax.distributed`` itself reads),
+   ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``.
 
-With none of them set, on a Cloud TPU VM (and in the other clusters JAX detects: Slurm, Open MPI,
-Kubernetes) ``jax.distributed.initialize()`` is called with no arguments and finds all three itself;
-``ZOO_CLUSTER_AUTODETECT=1`` asks for that auto-detection anywhere. Otherwise, and whenever the
-process count is 1, it does nothing: a single-process run needs no coordinator.
+With none of them set, on a TPU host (``on_tpu``) ``jax.distributed.initialize()`` is called with no
+arguments and finds all three itself (from the TPU metadata or GKE's environment);
+``ZOO_CLUSTER_AUTODETECT=1`` asks for JAX's auto-detection elsewhere (Slurm, Open MPI, Kubernetes).
+Otherwise, and whenever the process count is 1 (a TPU slice whose ``TPU_WORKER_HOSTNAMES`` lists one
+host included), it does nothing: a single process needs no coordinator.
 
 On CPU the collectives between processes need an implementation: set
 ``jax.config.update("jax_cpu_collectives_implementation", "gloo")`` before calling this
@@ -54,6 +56,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
              "process_id": process_id}
     if all(value is None for value in given.values()):
+        hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+        if hosts and "," not in hosts:
+            return False                              # a single-host TPU slice: one process
         if env.get(AUTODETECT_VAR, "") not in ("", "0") or on_tpu(env):
             jax.distributed.initialize(**kwargs)      # JAX's cluster detection finds all three
             return True
