@@ -1,6 +1,7 @@
 """Generated tasks as deterministic streams of numpy batches (``inputs``, ``targets``, ``mask``,
 ``reset``). ``task.batch(step, split)`` depends on the step alone, so resumed runs see the same data."""
 
+from zoo.data.chomsky import TASKS as chomsky_specs
 from zoo.data.parity import RunningParity, segmented_parity
 from zoo.data.task import SPLITS, Batch, Task, batch_rng
 
@@ -16,11 +17,31 @@ def tfds_task(package: str):
     return make_task
 
 
+def chomsky_task(name: str):
+    """``TASKS[name]`` for a Chomsky-hierarchy task: ``zoo.data.chomsky.builder.make_task(task=name, …)``."""
+    def make_task(**kwargs):
+        from zoo.data.chomsky.builder import make_task
+
+        return make_task(task=name, **kwargs)
+
+    make_task.__name__ = make_task.__qualname__ = f"make_{name}_task"
+    return make_task
+
+
+# The fifteen tasks of Delétang et al. (ICLR 2023), by name (their generators are plain numpy: importing
+# them leaves tensorflow_datasets unimported).
+CHOMSKY_TASKS = tuple(chomsky_specs)
+
 TASKS = {
     "running_parity": RunningParity,
     "copy": tfds_task("copy"),
     "selective_copy": tfds_task("selective_copy"),
     "mqar": tfds_task("mqar"),
+    **{name: chomsky_task(name) for name in CHOMSKY_TASKS},
+    "passkey": tfds_task("passkey"),
+    "listops": tfds_task("listops"),
 }
 
-__all__ = ["SPLITS", "TASKS", "Batch", "RunningParity", "Task", "batch_rng", "segmented_parity"]
+__all__ = [
+    "CHOMSKY_TASKS", "SPLITS", "TASKS", "Batch", "RunningParity", "Task", "batch_rng", "segmented_parity",
+]
