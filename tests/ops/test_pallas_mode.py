@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zoo.ops import delta, diagonal, selective, ssd_scan
+from zoo.ops import delta, diagonal, matrix, selective, ssd_scan
 
 KEYS = jax.random.split(jax.random.key(0), 6)
 B, T = 2, 19
@@ -36,6 +36,12 @@ def _delta(**kw):
     return delta.apply(q, k, v, beta, **kw)[0]
 
 
+def _matrix(**kw):
+    q, k, v = (jax.random.normal(key, (B, T, 2, 8)) for key in KEYS[:3])
+    g = jax.nn.log_sigmoid(jax.random.normal(KEYS[3], (B, T, 2)) + 2.0)
+    return matrix.apply(q, k, v, g, **kw)[0]
+
+
 def _ssd(**kw):
     x = jax.random.normal(KEYS[0], (B, T, 2, 4))
     dt = jax.nn.softplus(jax.random.normal(KEYS[1], (B, T, 2)))
@@ -43,7 +49,7 @@ def _ssd(**kw):
     return ssd_scan.ssd(x, dt, -jnp.ones((2,)), Bm, Cm, **kw)
 
 
-ENGINES = {"diagonal": _diagonal, "selective": _selective, "delta": _delta, "ssd": _ssd}
+ENGINES = {"diagonal": _diagonal, "selective": _selective, "delta": _delta, "ssd": _ssd, "matrix": _matrix}
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))

@@ -80,7 +80,7 @@ from jax import lax
 
 from zoo.ops._checks import check_float, check_positive_int, check_qkv, check_shape, shape_of
 from zoo.ops._checks import check_mode as resolve_mode
-from zoo.ops._dispatch import use_pallas
+from zoo.ops._dispatch import pallas_mode, use_pallas
 from zoo.ops._time import check_reset, reset_for_reverse
 from zoo.ops.matrix_chunks import DEFAULT_CHUNK_SCALAR, DEFAULT_CHUNK_VECTOR, SUB_CHUNK, Problem, chunked
 
@@ -295,10 +295,12 @@ def apply(q, k, v, log_decay=None, *, log_input_gate=None, normalizer=None, eps:
     """The recurrence over axis 1; returns ``(o, final_state)``. See the module docstring.
 
     ``implementation`` ("xla", "pallas" or a list tried in turn; None: Pallas on GPU/TPU when
-    ``mode="auto"``) picks ``pallas_kernels.chunked_gla`` for the cases it covers (a scalar decay per
-    head, real float32/bfloat16 inputs, no normaliser or input gate, forward, inclusive readout, a
-    plain state array); anything else runs XLA, with one warning when Pallas was asked for."""
+    ``mode="auto"``) picks ``pallas_kernels.chunked_gla`` for the cases it covers (a real decay per
+    head or per key dimension, real float32/bfloat16 inputs, inclusive readout, either direction;
+    no normaliser and a plain state array, or mLSTM: ``log_input_gate`` with ``normalizer="max_abs"``
+    and a scalar decay); anything else runs XLA, with one warning when Pallas was asked for."""
     who = "matrix.apply"
+    mode, implementation = pallas_mode(who, mode, implementation)
     requested_mode = mode
     mode = check_mode(who, mode)
     batch, time, *_ = _validate(who, q, k, v, log_decay, log_input_gate, normalizer, initial_state)
@@ -310,33 +312,57 @@ def apply(q, k, v, log_decay=None, *, log_input_gate=None, normalizer=None, eps:
     unsupported = _pallas_unsupported(q, k, v, log_decay, log_input_gate, normalizer, initial_state, reverse,
                                       exclusive, chunk_size)
     if use_pallas(who, implementation, requested_mode, unsupported):
-        from pallas_kernels.chunked_gla import chunked_gla  # Pallas loads only when asked for
-
-        g = jnp.zeros(q.shape[:3], jnp.float32) if log_decay is None else log_decay
-        return chunked_gla(q, k, v, g, initial_state, reset=reset, scale=scale,
-                           chunk_size=chunk_size or DEFAULT_CHUNK_SCALAR)
+        kernel_chunk = chunk_size or (DEFAULT_CHUNK_VECTOR if vector_decay else DEFAULT_CHUNK_SCALAR)
+        return _pallas(q, k, v, log_decay, log_input_gate, initial_state, reset, scale, float(eps),
+                       bool(reverse), kernel_chunk)
     return _apply(q, k, v, log_decay, log_input_gate, initial_state, reset, normalizer=normalizer,
                   eps=float(eps), scale=None if scale is None else float(scale), reverse=bool(reverse),
                   exclusive=bool(exclusive), mode=mode, chunk=chunk)
 
 
+def _pallas(q, k, v, log_decay, log_input_gate, initial_state, reset, scale, eps: float, reverse: bool,
+            chunk: int):
+    """pallas_kernels.chunked_gla: ``chunked_gla`` (a scalar decay per head or one per key dimension)
+    or, with an input gate (and then normalizer="max_abs"), ``chunked_mlstm``. ``reverse`` runs the
+    kernel forwards over the flipped sequence, with the flags moved as ``_prepare`` moves them for the
+    XLA modes, and flips the output back."""
+    from pallas_kernels.chunked_gla import chunked_gla, chunked_mlstm  # Pallas loads only when asked for
+
+    g = jnp.zeros(q.shape[:3], jnp.float32) if log_decay is None else log_decay
+    if reverse:
+        q, k, v, g = (jnp.flip(x, axis=1) for x in (q, k, v, g))
+        log_input_gate = None if log_input_gate is None else jnp.flip(log_input_gate, axis=1)
+        reset = reset_for_reverse(reset)
+    if log_input_gate is None:
+        o, S = chunked_gla(q, k, v, g, initial_state, reset=reset, scale=scale, chunk_size=chunk)
+    else:
+        parts = (tuple(initial_state) if isinstance(initial_state, MatrixState)
+                 else (initial_state, None, None))
+        o, S = chunked_mlstm(q, k, v, g, log_input_gate, None if initial_state is None else parts,
+                             reset=reset, scale=scale, eps=eps, chunk_size=chunk)
+        S = MatrixState(*S)
+    return (jnp.flip(o, axis=1) if reverse else o), S
+
+
 def _pallas_unsupported(q, k, v, log_decay, log_input_gate, normalizer, initial_state, reverse, exclusive,
                         chunk_size):
     """Why pallas_kernels.chunked_gla cannot run this call, or None when it can."""
+    del reverse                      # run forwards over the flipped sequence (``_pallas``)
     dtypes = {x.dtype for x in (q, k, v)}
     if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
         return "chunk sizes other than powers of two >= 16"
-    if log_decay is not None and np.ndim(log_decay) == 4:
-        return "a decay per key dimension (GLA)"
-    if log_input_gate is not None or normalizer is not None:
-        return "normalisers or the mLSTM input gate"
-    if reverse or exclusive:
-        return "reverse=True or exclusive=True"
+    mlstm = log_input_gate is not None and normalizer == "max_abs"
+    if (log_input_gate is not None or normalizer is not None) and not mlstm:
+        return "normalisers other than mLSTM's (log_input_gate with normalizer='max_abs')"
+    if mlstm and log_decay is not None and np.ndim(log_decay) == 4:
+        return "the mLSTM input gate with a decay per key dimension"
+    if exclusive:
+        return "exclusive=True (read before the update)"
     if len(dtypes) != 1 or dtypes.pop() not in (jnp.float32, jnp.bfloat16):
         return "inputs other than all float32 or all bfloat16"
     if log_decay is not None and jnp.iscomplexobj(log_decay):
         return "complex decays"
-    if isinstance(initial_state, MatrixState):
+    if isinstance(initial_state, MatrixState) and not mlstm:
         return "a MatrixState initial state"
     return None
 

@@ -36,7 +36,8 @@ from zoo.ops.matrix import MatrixState
 def _engine_kwargs(reset, reverse, mode, chunk_size, implementation) -> dict:
     """The engine keywords every front end passes on. ``implementation`` ("xla", "pallas" or a list;
     None: Pallas on GPU/TPU in mode "auto") is ``zoo.ops.matrix.apply``'s: the Pallas kernel runs the
-    calls it covers (one scalar decay per head, no normaliser or input gate, forward)."""
+    calls it covers (scalar or per-key decays, mLSTM's input gate with the max_abs normaliser, either
+    direction); exclusive readout (RWKV-6), complex decays (GateLoop) and the sum normaliser run XLA."""
     return {"reset": reset, "reverse": reverse, "mode": mode, "chunk_size": chunk_size,
             "implementation": implementation}
 
