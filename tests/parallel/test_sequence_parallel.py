@@ -223,6 +223,15 @@ def test_sequence_parallel_wraps_an_engine_apply_with_its_signature():
     h_ref, final_ref = diagonal.reference(a, b, reset=_resets())
     np.testing.assert_allclose(h, h_ref, atol=TOL, rtol=TOL)
     np.testing.assert_allclose(final, final_ref, atol=TOL, rtol=TOL)
+    # (real, imag) pairs, as LRU passes them, come back as pairs.
+    keys = jax.random.split(jax.random.key(5), 4)
+    pair = lambda k, shape: tuple(jax.random.normal(kk, shape) * 0.6 for kk in jax.random.split(k))
+    a_pair, b_pair, s0_pair = pair(keys[0], (B, T, D)), pair(keys[1], (B, T, D)), pair(keys[2], (B, D))
+    got = sequence.sequence_parallel(diagonal.apply, _mesh())(a_pair, b_pair, initial_state=s0_pair,
+                                                              reset=_resets())
+    want = diagonal.reference(a_pair, b_pair, initial_state=s0_pair, reset=_resets())
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, atol=TOL, rtol=TOL)
     from zoo.ops import nonlinear
     with pytest.raises(ValueError, match="cannot be split along time"):
         sequence.sequence_parallel(nonlinear.apply, _mesh())

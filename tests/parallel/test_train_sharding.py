@@ -22,6 +22,7 @@ import zoo
 from zoo.nn import SequenceModel
 from zoo.parallel.mesh import AXES, make_mesh
 from zoo.parallel.rules import Shard, default_rules, param_specs, path_name
+from zoo.parallel.sequence import sharded_time
 from zoo.parallel.train import shard_batch, shard_train_step
 from zoo.train import classification_loss, make_train_step
 
@@ -134,6 +135,25 @@ def test_sharded_train_step_equals_unsharded_step(mesh_name, family):
     state = nnx.split((model, optimizer))[1]
     for array, spec in zip(jax.tree.leaves(state), tree_specs(specs), strict=True):
         assert array.sharding.is_equivalent_to(NamedSharding(mesh, spec), array.ndim), (spec, array.sharding)
+
+
+@pytest.mark.parametrize("family", ["diagonal", "matrix", "delta"])
+def test_sequence_parallel_train_step_equals_unsharded_step(family):
+    """The whole training step traced under sharded_time: the model's engine calls split time over
+    the "sequence" axis (2 steps per shard), the batch over "data"; losses and params equal the
+    unsharded run's."""
+    mesh = make_mesh(data=2, sequence=4)
+    model, optimizer = build(family)
+    with sharded_time(mesh, "sequence", batch_axis="data"):
+        jaxpr = str(jax.make_jaxpr(lambda batch: classification_loss(model, batch)[0])(batches()[0]))
+        assert "shard_map" in jaxpr, "the engine calls are not sequence-parallel"
+        step = shard_train_step(make_train_step(classification_loss), mesh, RULES)
+        losses = [float(step(model, optimizer, batch)["loss"]) for batch in batches()]
+    want_losses, want_params = unsharded_run(family)
+    np.testing.assert_allclose(losses, want_losses, rtol=0, atol=TOL)
+    got_params = params_as_numpy(model)
+    for name, want in want_params.items():
+        np.testing.assert_allclose(got_params[name], want, rtol=0, atol=TOL, err_msg=name)
 
 
 def param_shapes(name):

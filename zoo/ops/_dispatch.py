@@ -11,6 +11,8 @@ never a silent wrong result, never an error for a supported call.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
 
 import jax
@@ -58,3 +60,24 @@ def pallas_mode(who: str, mode: str, implementation):
         raise ValueError(f"{who}: mode='pallas' asks for the Pallas kernel, which implementation="
                          f"{implementation!r} contradicts; pass one of them")
     return "auto", "pallas"
+
+
+# A hook that runs the diagonal, matrix and delta engines sequence-parallel (set by
+# ``zoo.parallel.sequence.sharded_time``; zoo.ops imports nothing above it, so the hook is handed in).
+# Read when an engine's ``apply`` is traced.
+_sequence_hook: contextvars.ContextVar = contextvars.ContextVar("zoo_sequence_hook", default=None)
+
+
+def sequence_hook():
+    """The active sequence-parallel hook, ``hook(engine_name, *args, **kwargs)``, or None."""
+    return _sequence_hook.get()
+
+
+@contextlib.contextmanager
+def using_sequence_hook(hook):
+    """Within the block, engines' ``apply`` calls go to ``hook`` (None: to the engines themselves)."""
+    token = _sequence_hook.set(hook)
+    try:
+        yield
+    finally:
+        _sequence_hook.reset(token)

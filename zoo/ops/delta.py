@@ -55,7 +55,7 @@ from jax import lax
 
 from zoo.ops._checks import check_float, check_positive_int, check_qkv, check_shape
 from zoo.ops._checks import check_mode as resolve_mode
-from zoo.ops._dispatch import pallas_mode, use_pallas
+from zoo.ops._dispatch import pallas_mode, sequence_hook, use_pallas
 from zoo.ops._time import check_reset, reset_for_reverse
 from zoo.ops.delta_chunks import DEFAULT_CHUNK, Problem, chunked
 
@@ -167,6 +167,10 @@ def apply(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None, rese
     float32 or all bfloat16, β, g and the initial state at most float32, chunk sizes that
     are powers of two >= 16); anything else runs XLA, with one warning when Pallas was asked for."""
     who = "delta.apply"
+    hook = sequence_hook()
+    if hook is not None:        # zoo.parallel.sequence.sharded_time: time split over a mesh axis
+        return hook("delta", q, k, v, beta, log_decay, scale=scale, initial_state=initial_state, reset=reset,
+                    reverse=reverse, mode=mode, chunk_size=chunk_size, implementation=implementation)
     mode, implementation = pallas_mode(who, mode, implementation)
     requested_mode = mode
     mode = check_mode(who, mode)

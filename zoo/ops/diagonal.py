@@ -92,7 +92,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from zoo.ops._dispatch import pallas_mode, use_pallas
+from zoo.ops._dispatch import pallas_mode, sequence_hook, use_pallas
 from zoo.ops._time import check_reset, reset_for_reverse
 from zoo.ops.diagonal_pairs import Field, add, conj, fmap, mul, real_part, shift_from_previous, zero_where
 from zoo.ops.diagonal_sequential import scan_batch_major
@@ -370,6 +370,10 @@ def apply(a, b, *, initial_state=None, reset=None, reverse: bool = False, mode: 
     (real, imag) inputs and other dtypes run XLA, with one warning when Pallas was asked for.
     """
     who = "diagonal.apply"
+    hook = sequence_hook()
+    if hook is not None:        # zoo.parallel.sequence.sharded_time: time split over a mesh axis
+        return hook("diagonal", a, b, initial_state=initial_state, reset=reset, reverse=reverse, mode=mode,
+                    chunk_size=chunk_size, implementation=implementation)
     mode, implementation = pallas_mode(who, mode, implementation)
     _check_mode(who, mode, MODES)
     chunk = _check_chunk_size(who, chunk_size)

@@ -80,7 +80,7 @@ from jax import lax
 
 from zoo.ops._checks import check_float, check_positive_int, check_qkv, check_shape, shape_of
 from zoo.ops._checks import check_mode as resolve_mode
-from zoo.ops._dispatch import pallas_mode, use_pallas
+from zoo.ops._dispatch import pallas_mode, sequence_hook, use_pallas
 from zoo.ops._time import check_reset, reset_for_reverse
 from zoo.ops.matrix_chunks import DEFAULT_CHUNK_SCALAR, DEFAULT_CHUNK_VECTOR, SUB_CHUNK, Problem, chunked
 
@@ -300,6 +300,11 @@ def apply(q, k, v, log_decay=None, *, log_input_gate=None, normalizer=None, eps:
     no normaliser and a plain state array, or mLSTM: ``log_input_gate`` with ``normalizer="max_abs"``
     and a scalar decay); anything else runs XLA, with one warning when Pallas was asked for."""
     who = "matrix.apply"
+    hook = sequence_hook()
+    if hook is not None:        # zoo.parallel.sequence.sharded_time: time split over a mesh axis
+        return hook("matrix", q, k, v, log_decay, log_input_gate=log_input_gate, normalizer=normalizer,
+                    eps=eps, scale=scale, initial_state=initial_state, reset=reset, reverse=reverse,
+                    exclusive=exclusive, mode=mode, chunk_size=chunk_size, implementation=implementation)
     mode, implementation = pallas_mode(who, mode, implementation)
     requested_mode = mode
     mode = check_mode(who, mode)

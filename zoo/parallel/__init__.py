@@ -10,7 +10,8 @@ shardings, shard_map, jax.distributed); this package adds the pieces around it:
 * ``initialize()`` (``distributed.py``): ``jax.distributed.initialize`` from the environment, TPU
   auto-detection, a no-op for one process;
 * ``sequence_parallel(engine_apply, mesh, axis)`` (``sequence.py``): the diagonal, matrix and delta
-  engines with time split over a mesh axis under ``jax.shard_map``, O(state) exchanged per shard.
+  engines with time split over a mesh axis under ``jax.shard_map``, O(state) exchanged per shard;
+  ``sharded_time(mesh, axis)``: a context in which whole models (their engine calls) run so.
 """
 
 from zoo.parallel import sequence
@@ -19,7 +20,7 @@ from zoo.parallel.mesh import AXES, BATCH_AXES, make_mesh
 from zoo.parallel.rules import DEFAULT_RULES, Shard, default_rules, named_shardings, param_specs, path_name
 from zoo.parallel.sequence import apply as sequence_parallel_apply
 from zoo.parallel.sequence import check_engine as check_sequence_parallel
-from zoo.parallel.sequence import delta_apply, diagonal_apply, matrix_apply, sequence_parallel
+from zoo.parallel.sequence import delta_apply, diagonal_apply, matrix_apply, sequence_parallel, sharded_time
 
 _FLAX = ("shard_train_step", "shard_batch")
 
@@ -36,4 +37,4 @@ def __getattr__(name):
 __all__ = ["AXES", "BATCH_AXES", "DEFAULT_RULES", "Shard", "check_sequence_parallel", "default_rules",
            "delta_apply", "diagonal_apply", "initialize", "make_mesh", "matrix_apply", "named_shardings",
            "param_specs", "path_name", "sequence", "sequence_parallel", "sequence_parallel_apply",
-           "shard_batch", "shard_train_step"]
+           "shard_batch", "shard_train_step", "sharded_time"]

@@ -70,6 +70,7 @@ Public API (``mesh`` a ``jax.sharding.Mesh``; ``batch_axis`` optionally shards t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -83,6 +84,7 @@ from jax.sharding import PartitionSpec as P
 from zoo.ops import delta as delta_engine
 from zoo.ops import diagonal as diagonal_engine
 from zoo.ops import matrix as matrix_engine
+from zoo.ops._dispatch import using_sequence_hook
 
 ENGINES = ("diagonal", "matrix", "delta")
 # Engines whose step is not affine in the state: their pieces have no summary to pass on.
@@ -275,10 +277,13 @@ def diagonal_apply(a, b, *, mesh, axis: str = "sequence", batch_axis=None, initi
     its final state from a zero state, [B, ...] each; outputs are corrected by
     ``h_t += A_t ⊙ h_in`` (module docstring; Blelloch 1990; LASP, Sun et al. 2024)."""
     who = "sequence.diagonal_apply"
-    for arg, x in (("a", a), ("b", b), ("initial_state", initial_state)):
-        if isinstance(x, (tuple, list)):
-            raise TypeError(f"{who}: {arg} given as a (real, imag) tuple is not offered sequence-parallel; "
-                            f"pass a complex array")
+    if any(isinstance(x, (tuple, list)) for x in (a, b, initial_state)):
+        # (real, imag) pairs (LRU, S5): run the complex form and return pairs, as the engine does.
+        as_complex = lambda x: x[0] + 1j * x[1] if isinstance(x, (tuple, list)) else x
+        h, final = diagonal_apply(as_complex(a), as_complex(b), mesh=mesh, axis=axis, batch_axis=batch_axis,
+                                  initial_state=None if initial_state is None else as_complex(initial_state),
+                                  reset=reset, **engine_kwargs)
+        return (jnp.real(h), jnp.imag(h)), (jnp.real(final), jnp.imag(final))
     b = jnp.asarray(b)
     a = jnp.asarray(a)
     # The engine's own checks, on the global shapes (nothing is computed).
@@ -507,6 +512,29 @@ _APPLY = {"diagonal": diagonal_apply, "matrix": matrix_apply, "delta": delta_app
 def apply(engine: str, *args, **kwargs):
     """Dispatch to ``{engine}_apply``; ValueError for engines that cannot be split along time."""
     return _APPLY[check_engine(engine)](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def sharded_time(mesh, axis: str = "sequence", batch_axis=None):
+    """Within the block, every call of the diagonal, matrix and delta engines' ``apply`` that is
+    *traced* here runs sequence-parallel over the mesh axis ``axis`` (``batch_axis`` also splits the
+    batch): a whole model, or its training step, with time split across devices and nothing in the
+    model changed::
+
+        with zoo.parallel.sharded_time(mesh, "sequence", batch_axis="data"):
+            loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, batch)
+
+    It acts when a function is traced, like any trace-time setting: a function jitted and compiled
+    before entering the block keeps its compiled form. The nonlinear, selective and other engines
+    are not split (they run on the whole sequence), and T must be a multiple of the axis size."""
+
+    def hook(engine, *args, **kwargs):
+        # The engines inside the shard_map (and its shape checks) run the plain engine, not the hook.
+        with using_sequence_hook(None):
+            return _APPLY[engine](*args, mesh=mesh, axis=axis, batch_axis=batch_axis, **kwargs)
+
+    with using_sequence_hook(hook):
+        yield
 
 
 def sequence_parallel(engine_apply, mesh, axis: str = "sequence", batch_axis=None):
