@@ -13,17 +13,15 @@ def pow2_at_least(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (int(n) - 1).bit_length())
 
 
-def platform_kernels(gpu, tpu, platform, interpret: bool):
-    """(forward, backward) of a kernel package whose ``gpu`` and ``tpu`` modules each define
-    ``forward`` and ``backward``. ``platform="gpu"|"tpu"`` picks one (``interpret`` runs it on CPU);
-    None dispatches with ``lax.platform_dependent``: Triton on cuda, Mosaic on tpu, and the Triton body
-    in interpret mode on cpu, so one jitted function runs here and still lowers for both devices."""
-    if platform == "gpu":
-        return (functools.partial(gpu.forward, interpret=interpret),
-                functools.partial(gpu.backward, interpret=interpret))
-    if platform == "tpu":
-        return (functools.partial(tpu.forward, interpret=interpret),
-                functools.partial(tpu.backward, interpret=interpret))
+def platform_kernels(gpu, tpu, platform, interpret: bool, names=("forward", "backward")):
+    """The functions ``names`` (default: forward and backward) of a kernel package whose ``gpu`` and
+    ``tpu`` modules both define them. ``platform="gpu"|"tpu"`` picks one (``interpret`` runs it on
+    CPU); None dispatches with ``lax.platform_dependent``: Triton on cuda, Mosaic on tpu, and the
+    Triton body in interpret mode on cpu, so one jitted function runs here and still lowers for both
+    devices."""
+    if platform in ("gpu", "tpu"):
+        module = gpu if platform == "gpu" else tpu
+        return tuple(functools.partial(getattr(module, name), interpret=interpret) for name in names)
 
     def dispatch(name):
         def run(*args, **kw):
@@ -35,4 +33,4 @@ def platform_kernels(gpu, tpu, platform, interpret: bool):
             return lax.platform_dependent(*args, **per_platform)
         return run
 
-    return dispatch("forward"), dispatch("backward")
+    return tuple(dispatch(name) for name in names)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels._common import platform_kernels, pow2_at_least
 from pallas_kernels.chunked_gla import gpu, tpu
 from pallas_kernels.chunked_gla.reference import chunked_gla_reference
 
@@ -45,29 +46,10 @@ PLATFORMS = (None, "gpu", "tpu")
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, 1 << (int(n) - 1).bit_length())
-
-
 def _kernels(platform, interpret, kind=""):
     """(forward, backward) for one platform, or platform_dependent dispatchers; kind "" (scalar decay),
     "_per_key" or "_stabilised" (mLSTM)."""
-    names = ("forward" + kind, "backward" + kind)
-    if platform in ("gpu", "tpu"):
-        module = gpu if platform == "gpu" else tpu
-        return tuple(functools.partial(getattr(module, name), interpret=interpret) for name in names)
-
-    def dispatch(name):
-        def run(*args, **kw):
-            per_platform = {
-                "cpu": functools.partial(getattr(gpu, name), interpret=True, **kw),
-                "cuda": functools.partial(getattr(gpu, name), **kw),
-                "tpu": functools.partial(getattr(tpu, name), **kw),
-            }
-            return lax.platform_dependent(*args, **per_platform)
-        return run
-
-    return tuple(dispatch(name) for name in names)
+    return platform_kernels(gpu, tpu, platform, interpret, names=("forward" + kind, "backward" + kind))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
@@ -199,9 +181,9 @@ def chunked_gla(q, k, v, g, initial_state=None, *, reset=None, scale=None, chunk
     batch, time, heads, dk = q.shape
     dv = v.shape[-1]
     scale = float(dk ** -0.5 if scale is None else scale)
-    chunk = min(chunk_size, _pow2_at_least_16(time))
+    chunk = min(chunk_size, pow2_at_least(time))
     tp = -(-time // chunk) * chunk
-    kp, vp = _pow2_at_least_16(dk), _pow2_at_least_16(dv)
+    kp, vp = pow2_at_least(dk), pow2_at_least(dv)
     if vp > 128:
         vp = -(-vp // 128) * 128
     qr, kr, vr = _to_rows(q, tp, kp), _to_rows(k, tp, kp), _to_rows(v, tp, vp)
@@ -285,11 +267,11 @@ def chunked_mlstm(q, k, v, log_f, log_i, initial_state=None, *, reset=None, scal
     dv = v.shape[-1]
     bh = batch * heads
     scale = float(dk ** -0.5 if scale is None else scale)
-    chunk = min(chunk_size, _pow2_at_least_16(time))
+    chunk = min(chunk_size, pow2_at_least(time))
     tp = -(-time // chunk) * chunk
     nc = tp // chunk
     v1 = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)   # the key sum n
-    kp, vp = _pow2_at_least_16(dk), _pow2_at_least_16(dv + 1)
+    kp, vp = pow2_at_least(dk), pow2_at_least(dv + 1)
     if vp > 128:
         vp = -(-vp // 128) * 128
     qr, kr, vr = _to_rows(q, tp, kp), _to_rows(k, tp, kp), _to_rows(v1, tp, vp)
