@@ -1,17 +1,42 @@
-"""Orbax checkpoints of an NNX model and its optimizer, so an interrupted run can resume.
+"""Orbax checkpoints of an NNX model and its optimizer, so an interrupted run can resume exactly.
 
-A checkpoint at step ``s`` holds the model's and the optimizer's state after ``s`` updates.
-Restoring fills freshly built objects in place; their structure (and so the abstract target
-that orbax restores into) comes from them, which keeps loading free of pickle.
+A checkpoint at step ``s`` (directory ``<checkpoint_dir>/<s>``) holds three items:
+
+* ``model``: ``nnx.state(model)``, every variable of the model. Any ``nnx.Rngs`` the model keeps
+  (a dropout key and its counter) is part of that state, so it is saved and restored with it.
+* ``optimizer``: ``nnx.state(optimizer)``, the optax state and the update counter.
+* ``meta``: JSON ``{"step": s, "data_step": s, "run": {...}}``. ``data_step`` is the position of the
+  data iterator: batch ``k`` is ``task.batch(k)``, a pure function of ``k`` (``zoo.data.task``), so
+  the position is the step itself and the stream needs no state of its own. ``run`` is whatever
+  description of the run the caller passed (the CLI stores its config), checked on resume.
+
+The training loop draws no random numbers; the initial parameters come from the caller's seed.
+Restoring fills freshly built objects in place; their structure (and so the abstract target that
+orbax restores into) comes from them, which keeps loading free of pickle.
+
+Every failure to read a checkpoint raises ``CheckpointError`` naming the step directory, the item
+and what went wrong; a checkpoint that exists is never skipped in favour of starting from scratch.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
+
+ITEMS = ("model", "optimizer", "meta")
+_SHOWN = 6    # mismatched arrays listed in an error; the rest are counted
+_REMEDY = "Delete {where} to resume from the checkpoint before it, or the whole directory to start over."
+_MAX_CAUSE = 800    # characters of orbax's own message kept in an error (some print whole trees)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that exists but cannot be restored into this run (corrupt, incomplete, mismatched)."""
 
 
 def manager(directory: str | os.PathLike, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -19,26 +44,118 @@ def manager(directory: str | os.PathLike, max_to_keep: int = 2) -> ocp.Checkpoin
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, model: nnx.Module, optimizer: nnx.Optimizer) -> None:
+def save(mngr: ocp.CheckpointManager, step: int, model: nnx.Module, optimizer: nnx.Optimizer,
+         run: Mapping[str, Any] | None = None) -> None:
     """Start saving (asynchronously; the arrays are immutable, so training can go on meanwhile)."""
+    meta = {"step": int(step), "data_step": int(step), "run": dict(run) if run is not None else None}
     mngr.save(step, args=ocp.args.Composite(
         model=ocp.args.StandardSave(nnx.state(model)),
         optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
-        meta=ocp.args.JsonSave({"step": int(step)}),
+        meta=ocp.args.JsonSave(meta),
     ))
 
 
-def restore_latest(mngr: ocp.CheckpointManager, model: nnx.Module, optimizer: nnx.Optimizer) -> int:
-    """Load the latest checkpoint into ``model`` and ``optimizer``; return its step (0 if there is none)."""
+def _cause(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= _MAX_CAUSE else text[:_MAX_CAUSE] + " [...]"
+
+
+def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
+    return os.path.join(os.fspath(mngr.directory), str(step))
+
+
+def _path_name(path) -> str:
+    """``blocks/params/0/mixer/w_in`` for a jax key path; the trailing ``value`` of a Variable is dropped."""
+    parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return "/".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {_path_name(path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+
+
+def describe_mismatch(item: str, stored: Mapping[str, tuple], wanted: Mapping[str, tuple]) -> list[str]:
+    """Lines naming the arrays whose shapes differ, and those present on one side only."""
+    differ = [name for name in sorted(stored.keys() & wanted.keys()) if stored[name] != wanted[name]]
+    lines = [f"{item}/{name}: checkpoint has shape {stored[name]}, this run has {wanted[name]}"
+             for name in differ[:_SHOWN]]
+    if len(differ) > _SHOWN:
+        lines.append(f"and {len(differ) - _SHOWN} more array(s) of other shapes in {item}")
+    for names, where in ((wanted.keys() - stored.keys(), "this run has, the checkpoint lacks"),
+                         (stored.keys() - wanted.keys(), "the checkpoint has, this run lacks")):
+        if names:
+            shown = ", ".join(f"{item}/{n}" for n in sorted(names)[:_SHOWN])
+            more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+            lines.append(f"{len(names)} array(s) {where}: {shown}{more}")
+    return lines
+
+
+def stored_shapes(item_dir: str) -> dict[str, tuple[int, ...]]:
+    """The shape of every array saved in one item's directory, read from its metadata alone."""
+    try:
+        return _shapes(ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir)).tree)
+    except Exception as error:      # orbax, tensorstore and json raise many types; report them all
+        remedy = _REMEDY.format(where=os.path.dirname(item_dir))
+        raise CheckpointError(f"cannot read the array metadata of the checkpoint item {item_dir}: "
+                              f"{_cause(error)}. {remedy}") from error
+
+
+def check_run(where: str, stored: Mapping[str, Any] | None, run: Mapping[str, Any] | None) -> None:
+    """CheckpointError naming each field of the run description that differs from the checkpoint's."""
+    if stored is None or run is None:
+        return
+    differ = [f"{key}: checkpoint {stored.get(key)!r}, this run {run.get(key)!r}"
+              for key in sorted(stored.keys() | run.keys()) if stored.get(key) != run.get(key)]
+    if differ:
+        raise CheckpointError(
+            f"the checkpoint {where} was written by a different run configuration:\n  " + "\n  ".join(differ)
+            + "\nUse another checkpoint directory, or delete this one to start from scratch.")
+
+
+def restore_latest(mngr: ocp.CheckpointManager, model: nnx.Module, optimizer: nnx.Optimizer,
+                   run: Mapping[str, Any] | None = None) -> int:
+    """Load the latest checkpoint into ``model`` and ``optimizer``; return its step (0 if there is none).
+
+    ``run``, if given, must equal the run description stored with the checkpoint (when it has one).
+    Raises ``CheckpointError`` (a ``ValueError``) naming the step directory and the item when the
+    checkpoint is incomplete or unreadable, or when its arrays do not fit the model and optimizer
+    (listing the arrays and both shapes). A half-written step left by a kill mid-save is not a
+    checkpoint yet (orbax commits a step by renaming its temporary directory) and is ignored.
+    """
     step = mngr.latest_step()
     if step is None:
         return 0
-    as_target = lambda obj: jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(obj))
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(as_target(model)),
-        optimizer=ocp.args.StandardRestore(as_target(optimizer)),
-        meta=ocp.args.JsonRestore(),
-    ))
+    where = step_dir(mngr, step)
+    missing = [item for item in ITEMS if not os.path.isdir(os.path.join(where, item))]
+    if missing:
+        raise CheckpointError(f"the checkpoint {where} is incomplete: no {', '.join(missing)} "
+                              f"(it has {sorted(os.listdir(where))})")
+
+    def load(item: str, args):
+        try:
+            return mngr.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+        except Exception as error:      # orbax, tensorstore and json raise many types; report them all
+            raise CheckpointError(
+                f"cannot restore item {item!r} of the checkpoint {os.path.join(where, item)}: "
+                f"{_cause(error)}. {_REMEDY.format(where=where)}") from error
+
+    meta = load("meta", ocp.args.JsonRestore())
+    if not isinstance(meta, Mapping) or meta.get("step") != step:
+        raise CheckpointError(f"the checkpoint {os.path.join(where, 'meta')} holds {meta!r}, not the "
+                              f"metadata of step {step}")
+    check_run(where, meta.get("run"), run)
+
+    targets = {name: jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(obj))
+               for name, obj in (("model", model), ("optimizer", optimizer))}
+    problems = [line for name, target in targets.items()
+                for line in describe_mismatch(name, stored_shapes(os.path.join(where, name)),
+                                              _shapes(target))]
+    if problems:
+        raise CheckpointError(f"the checkpoint {where} does not fit this model/optimizer (another model "
+                              f"configuration?):\n  " + "\n  ".join(problems))
+
+    restored = {name: load(name, ocp.args.StandardRestore(target)) for name, target in targets.items()}
     nnx.update(model, restored["model"])
     nnx.update(optimizer, restored["optimizer"])
-    return int(restored["meta"]["step"])
+    return step

@@ -5,6 +5,15 @@
 ``task.batch(k)``, a function of ``k`` alone, and checkpoints hold the whole model and optimizer
 state, so a run killed and resumed from its checkpoint at step ``s`` repeats exactly what an
 uninterrupted run does from ``s`` on (the same losses, bit for bit, on the same machine).
+The data-iterator position a checkpoint needs is therefore the step itself, and the loop draws no
+random numbers (any ``nnx.Rngs`` inside the model is saved with the model's state).
+
+Length generalisation: with ``eval_lengths``, every evaluation also runs on held-out batches whose
+sequences have each of these lengths, logged as ``eval_len{L}_loss`` / ``eval_len{L}_accuracy``. A
+task offers this with a method ``batch_at_length(step, length, split="eval") -> Batch`` (as
+``zoo.data.chomsky.ChomskyTask`` does); ``RunningParity``, whose ``length`` field is the sequence
+length, is evaluated through ``dataclasses.replace(task, length=L)``. ``batch_at_length`` must be
+a pure function of its arguments, like ``batch``.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -21,6 +30,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from zoo.data.parity import RunningParity
 from zoo.data.task import Batch, Task
 from zoo.train import checkpoint, metrics
 from zoo.train.losses import classification_loss
@@ -52,10 +62,46 @@ def make_eval_step(loss_fn: LossFn = classification_loss):
     return nnx.jit(lambda model, batch: loss_fn(model, batch)[1])
 
 
-def evaluate(eval_step, task: Task, n_batches: int) -> dict[str, float]:
-    """Mean metrics over the first ``n_batches`` held-out batches (the same ones at every evaluation)."""
-    per_batch = jax.device_get([eval_step(task.batch(i, split="eval")) for i in range(n_batches)])
-    return {f"eval_{key}": float(np.mean([m[key] for m in per_batch])) for key in per_batch[0]}
+def evaluate(eval_step, task: Task, n_batches: int, lengths: Sequence[int] = ()) -> dict[str, float]:
+    """Mean metrics over the first ``n_batches`` held-out batches (the same ones at every evaluation).
+
+    Keys are ``eval_<metric>``, and ``eval_len<L>_<metric>`` for each of ``lengths``.
+    """
+    def mean_metrics(prefix: str, batches) -> dict[str, float]:
+        per_batch = jax.device_get([eval_step(batch) for batch in batches])
+        return {f"{prefix}{key}": float(np.mean([m[key] for m in per_batch])) for key in per_batch[0]}
+
+    result = mean_metrics("eval_", (task.batch(i, split="eval") for i in range(n_batches)))
+    for length in lengths:
+        result.update(mean_metrics(f"eval_len{length}_",
+                                   (batch_at_length(task, i, length) for i in range(n_batches))))
+    return result
+
+
+def supports_lengths(task: Task) -> bool:
+    """Whether ``batch_at_length`` can give this task's held-out batches at a chosen length."""
+    return callable(getattr(task, "batch_at_length", None)) or isinstance(task, RunningParity)
+
+
+def check_eval_lengths(task: Task, lengths: Sequence[int]) -> tuple[int, ...]:
+    """``lengths`` as a tuple of ints; TypeError if the task cannot give batches at chosen lengths."""
+    lengths = tuple(lengths)
+    bad = [n for n in lengths if not isinstance(n, int | np.integer) or isinstance(n, bool) or n < 1]
+    if bad:
+        raise ValueError(f"eval_lengths must be positive ints, got {lengths!r}")
+    if lengths and not supports_lengths(task):
+        raise TypeError(f"task {getattr(task, 'name', type(task).__name__)!r} ({type(task).__name__}) cannot "
+                        f"be evaluated at chosen lengths (eval_lengths={lengths}): it needs a method "
+                        f"batch_at_length(step, length, split)")
+    return tuple(int(n) for n in lengths)
+
+
+def batch_at_length(task: Task, step: int, length: int, split: str = "eval") -> Batch:
+    """Held-out batch ``step`` whose sequences have ``length`` steps (see the module docstring)."""
+    (length,) = check_eval_lengths(task, (length,))
+    if callable(getattr(task, "batch_at_length", None)):
+        return task.batch_at_length(step, length, split=split)
+    return dataclasses.replace(task, length=length).batch(step, split)
 
 
 @dataclasses.dataclass
@@ -91,6 +137,8 @@ def train(
     log_every: int = 10,
     progress: bool = True,
     description: str = "train",
+    eval_lengths: Sequence[int] = (),
+    run: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` updates in total on ``task.batch(0) … task.batch(steps - 1)``.
 
@@ -101,19 +149,31 @@ def train(
     The held-out split is evaluated at step 0, every ``eval_every`` updates and at the end.
     Metrics are fetched from the device every ``log_every`` updates, which also bounds how far
     asynchronous dispatch runs ahead (keep it near 10 on multi-device CPU meshes: ENV-NOTES §4).
+
+    ``eval_lengths``: also evaluate at each of these sequence lengths (module docstring).
+    ``run``: a JSON-able description of the run, stored in every checkpoint; resuming from a
+    checkpoint whose description differs raises ``checkpoint.CheckpointError`` naming the fields, as
+    does a corrupt checkpoint or one whose arrays do not fit the model (never a silent fresh start).
     """
     if steps < 0 or eval_every <= 0 or log_every <= 0 or eval_batches <= 0:
         raise ValueError(
             f"train: steps must be >= 0 and eval_every, log_every, eval_batches > 0; got steps={steps}, "
             f"eval_every={eval_every}, log_every={log_every}, eval_batches={eval_batches}"
         )
+    eval_lengths = check_eval_lengths(task, eval_lengths)
     checkpoint_every = checkpoint_every or eval_every
     began = time.perf_counter()
 
     mngr = checkpoint.manager(checkpoint_dir) if checkpoint_dir is not None else None
-    start = checkpoint.restore_latest(mngr, model, optimizer) if mngr is not None else 0
-    if start > steps:
-        raise ValueError(f"train: the checkpoint in {checkpoint_dir} is at step {start}, past steps={steps}")
+    try:
+        start = checkpoint.restore_latest(mngr, model, optimizer, run) if mngr is not None else 0
+        if start > steps:
+            raise ValueError(f"train: the checkpoint in {checkpoint_dir} is at step {start}, "
+                             f"past steps={steps}")
+    except BaseException:
+        if mngr is not None:
+            mngr.close()
+        raise
     if metrics_path is not None:
         if start == 0:
             open(metrics_path, "w").close()
@@ -149,21 +209,21 @@ def train(
 
     try:
         if start == 0:
-            final = evals[0] = evaluate(eval_step, task, eval_batches)
+            final = evals[0] = evaluate(eval_step, task, eval_batches, eval_lengths)
             flush()
         elif start == steps:    # resumed a finished run: report the restored model, log nothing new
-            final = evaluate(eval_step, task, eval_batches)
+            final = evaluate(eval_step, task, eval_batches, eval_lengths)
         for k in range(start, steps):
             pending.append((k + 1, train_step(task.batch(k))))
             done = k + 1
             if done % eval_every == 0 or done == steps:
-                final = evals[done] = evaluate(eval_step, task, eval_batches)
+                final = evals[done] = evaluate(eval_step, task, eval_batches, eval_lengths)
             save_now = mngr is not None and (done % checkpoint_every == 0 or done == steps)
             # Flush before saving so the log holds every record up to the checkpoint it may resume from.
             if done % log_every == 0 or done in evals or save_now:
                 flush()
             if save_now:
-                checkpoint.save(mngr, done, model, optimizer)
+                checkpoint.save(mngr, done, model, optimizer, run)
         flush()
     finally:
         # On an exception (Ctrl-C included) let the checkpoint already started finish committing.
