@@ -266,3 +266,20 @@ def test_an_rng_kept_by_the_model_is_checkpointed_and_restored_with_it(tmp_path)
     # The next masks are the ones the saved model draws next, not those of the new seed.
     np.testing.assert_array_equal(restored(x), model(x))
     assert not np.array_equal(Noisy(seed=7)(x), Noisy(seed=0)(x))
+
+
+@pytest.mark.parametrize("task", ["parity_check", "copy", "mqar"])
+def test_the_cli_builds_tfds_tasks_from_their_default_config(task, tmp_path, monkeypatch):
+    """Every field the CLI reads off a built task goes back into its factory (a Chomsky task's own
+    ``task`` field included), here at small sizes in a temporary data directory."""
+    from experiments.train import build_task
+
+    monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path))
+    cfg = default_config("gru", task)
+    sizes = {"train_size": 8, "eval_size": 4}
+    for key, value in sizes.items():
+        if key in cfg.task_config:
+            cfg.task_config[key] = value
+    built = build_task(cfg)
+    batch = built.batch(0)
+    assert batch["inputs"].shape[0] == cfg.batch_size and batch["mask"].any()

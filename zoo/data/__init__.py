@@ -22,6 +22,10 @@ def chomsky_task(name: str):
     def make_task(**kwargs):
         from zoo.data.chomsky.builder import make_task
 
+        # A built task reports its config's ``task`` field back (the training CLI passes all of them).
+        given = kwargs.pop("task", name)
+        if given != name:
+            raise ValueError(f"TASKS[{name!r}]: task={given!r} contradicts the task's name")
         return make_task(task=name, **kwargs)
 
     make_task.__name__ = make_task.__qualname__ = f"make_{name}_task"
