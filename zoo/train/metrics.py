@@ -90,7 +90,8 @@ def plot_curves(records: Sequence[dict], path: str | os.PathLike, title: str = "
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both" if key == "accuracy" else "major")
-        ax.legend(loc=legend_at)
+        if ax.get_legend_handles_labels()[0]:       # an empty log (a resumed, finished run) has no curves
+            ax.legend(loc=legend_at)
     axes[1].set_ylim(-0.02, 1.02)
     if title:
         fig.suptitle(title)
