@@ -34,14 +34,20 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import platform_kernels, pow2_at_least
+from pallas_kernels._common import (
+    check_chunked_qkv,
+    chunk_segments,
+    platform_kernels,
+    pow2_at_least,
+    scalar_rows,
+    to_rows,
+)
 from pallas_kernels.chunked_delta import gpu, tpu
 from pallas_kernels.chunked_delta.reference import chunked_delta_reference
 
 __all__ = ["chunked_delta", "chunked_delta_reference"]
 
 PLATFORMS = (None, "gpu", "tpu")
-DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 def _kernels(platform, interpret):
@@ -77,57 +83,16 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 def _check(q, k, v, beta, log_decay, initial_state, reset, chunk_size, platform):
     who = "chunked_delta"
-    if q.ndim != 4 or k.shape != q.shape:
-        raise ValueError(f"{who}: q and k must be [B, T, H, K] of one shape, got q {q.shape}, k {k.shape}")
-    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"{who}: v must be [B, T, H, V] = {q.shape[:3]} + (V,), got {v.shape}")
+    check_chunked_qkv(who, q, k, v, initial_state, reset, chunk_size, platform, PLATFORMS)
     if beta.shape != q.shape[:3]:
         raise ValueError(f"{who}: beta must be [B, T, H] = {q.shape[:3]} (one strength per head and step), "
                          f"got {beta.shape}")
     if log_decay is not None and log_decay.shape != q.shape[:3]:
         raise ValueError(f"{who}: log_decay must be [B, T, H] = {q.shape[:3]} (one log decay per head "
                          f"and step), got {log_decay.shape}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dtype not in DTYPES:
-            raise TypeError(f"{who}: {name} must be float32 or bfloat16, got {x.dtype}")
-    if len({q.dtype, k.dtype, v.dtype}) != 1:
-        raise TypeError(f"{who}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     for name, x in (("beta", beta), ("log_decay", log_decay)):
         if x is not None and not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"{who}: {name} must be a real float array, got {x.dtype}")
-    b, _, h, dk = q.shape
-    if initial_state is not None and initial_state.shape != (b, h, dk, v.shape[-1]):
-        raise ValueError(f"{who}: initial_state must be [B, H, K, V] = {(b, h, dk, v.shape[-1])}, "
-                         f"got {initial_state.shape}")
-    if reset is not None and (reset.shape != (b, q.shape[1]) or reset.dtype != jnp.bool_):
-        raise ValueError(f"{who}: reset must be bool [B, T] = {(b, q.shape[1])}, "
-                         f"got {reset.dtype} {reset.shape}")
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"{who}: chunk_size must be a power of two >= 16, got {chunk_size}")
-    if platform not in PLATFORMS:
-        raise ValueError(f"{who}: platform must be one of {PLATFORMS}, got {platform!r}")
-
-
-def _to_rows(x, tp, width):
-    """[B, T, H, W] -> [B·H, Tp, width], zero-padded in time and width."""
-    batch, time, heads, w = x.shape
-    x = jnp.moveaxis(x, 2, 1).reshape(batch * heads, time, w)
-    return jnp.pad(x, ((0, 0), (0, tp - time), (0, width - w)))
-
-
-def _scalar_rows(x, tp):
-    """[B, T, H] float -> [B·H, Tp] float32, zero-padded in time."""
-    return _to_rows(x.astype(jnp.float32)[..., None], tp, 1)[..., 0]
-
-
-def _segments(reset, batch, time, heads, tp, chunk):
-    """[B·H, Tp] float32: inside each chunk, the number of resets at or before each step (0: the step
-    still sees the state entering the chunk). Padded steps never reset."""
-    if reset is None:
-        return jnp.zeros((batch * heads, tp), jnp.float32)
-    flags = jnp.pad(reset.astype(jnp.float32), ((0, 0), (0, tp - time)))
-    seg = jnp.cumsum(flags.reshape(batch, tp // chunk, chunk), axis=-1).reshape(batch, 1, tp)
-    return jnp.broadcast_to(seg, (batch, heads, tp)).reshape(batch * heads, tp)
 
 
 def chunked_delta(q, k, v, beta, log_decay=None, initial_state=None, *, reset=None, scale=None,
@@ -142,15 +107,15 @@ def chunked_delta(q, k, v, beta, log_decay=None, initial_state=None, *, reset=No
     kp, vp = pow2_at_least(dk), pow2_at_least(dv)
     if vp > 128:
         vp = -(-vp // 128) * 128
-    qr, kr, vr = _to_rows(q, tp, kp), _to_rows(k, tp, kp), _to_rows(v, tp, vp)
+    qr, kr, vr = to_rows(q, tp, kp), to_rows(k, tp, kp), to_rows(v, tp, vp)
     # Padded steps have β = 0 (write nothing) and g = 0 (keep the state).
-    betar = _scalar_rows(beta, tp)
+    betar = scalar_rows(beta, tp)
     if log_decay is None:
         b = jnp.zeros((batch * heads, tp), jnp.float32)
     else:
-        gr = _scalar_rows(log_decay, tp)
+        gr = scalar_rows(log_decay, tp)
         b = jnp.cumsum(gr.reshape(batch * heads, tp // chunk, chunk), axis=-1).reshape(batch * heads, tp)
-    seg = _segments(reset, batch, time, heads, tp, chunk)
+    seg = chunk_segments(reset, batch, time, heads, tp, chunk)
     if initial_state is None:
         state0 = jnp.zeros((batch * heads, kp, vp), jnp.float32)
     else:

@@ -36,14 +36,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._common import platform_kernels, pow2_at_least
+from pallas_kernels._common import check_chunked_qkv, chunk_segments, platform_kernels, pow2_at_least, to_rows
 from pallas_kernels.chunked_gla import gpu, tpu
 from pallas_kernels.chunked_gla.reference import chunked_gla_reference
 
 __all__ = ["chunked_gla", "chunked_gla_reference", "chunked_mlstm"]
 
 PLATFORMS = (None, "gpu", "tpu")
-DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 def _kernels(platform, interpret, kind=""):
@@ -130,48 +129,12 @@ _core_stabilised.defvjp(_core_stabilised_fwd, _core_stabilised_bwd)
 
 def _check(q, k, v, g, initial_state, reset, chunk_size, platform):
     who = "chunked_gla"
-    if q.ndim != 4 or k.shape != q.shape:
-        raise ValueError(f"{who}: q and k must be [B, T, H, K] of one shape, got q {q.shape}, k {k.shape}")
-    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"{who}: v must be [B, T, H, V] = {q.shape[:3]} + (V,), got {v.shape}")
+    check_chunked_qkv(who, q, k, v, initial_state, reset, chunk_size, platform, PLATFORMS)
     if g.shape not in (q.shape[:3], q.shape):
         raise ValueError(f"{who}: g must be [B, T, H] = {q.shape[:3]} (one log decay per head) or "
                          f"[B, T, H, K] = {q.shape} (one per key dimension), got {g.shape}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dtype not in DTYPES:
-            raise TypeError(f"{who}: {name} must be float32 or bfloat16, got {x.dtype}")
-    if len({q.dtype, k.dtype, v.dtype}) != 1:
-        raise TypeError(f"{who}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not jnp.issubdtype(g.dtype, jnp.floating):
         raise TypeError(f"{who}: g must be a real float array, got {g.dtype}")
-    b, _, h, dk = q.shape
-    if initial_state is not None and initial_state.shape != (b, h, dk, v.shape[-1]):
-        raise ValueError(f"{who}: initial_state must be [B, H, K, V] = {(b, h, dk, v.shape[-1])}, "
-                         f"got {initial_state.shape}")
-    if reset is not None and (reset.shape != (b, q.shape[1]) or reset.dtype != jnp.bool_):
-        raise ValueError(f"{who}: reset must be bool [B, T] = {(b, q.shape[1])}, "
-                         f"got {reset.dtype} {reset.shape}")
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"{who}: chunk_size must be a power of two >= 16, got {chunk_size}")
-    if platform not in PLATFORMS:
-        raise ValueError(f"{who}: platform must be one of {PLATFORMS}, got {platform!r}")
-
-
-def _to_rows(x, tp, width):
-    """[B, T, H, W] -> [B·H, Tp, width], zero-padded in time and width."""
-    batch, time, heads, w = x.shape
-    x = jnp.moveaxis(x, 2, 1).reshape(batch * heads, time, w)
-    return jnp.pad(x, ((0, 0), (0, tp - time), (0, width - w)))
-
-
-def _segments(reset, batch, time, heads, tp, chunk):
-    """[B·H, Tp] float32: inside each chunk, the number of resets at or before each step (0: the step
-    still sees the state entering the chunk). Padded steps never reset."""
-    if reset is None:
-        return jnp.zeros((batch * heads, tp), jnp.float32)
-    flags = jnp.pad(reset.astype(jnp.float32), ((0, 0), (0, tp - time)))
-    seg = jnp.cumsum(flags.reshape(batch, tp // chunk, chunk), axis=-1).reshape(batch, 1, tp)
-    return jnp.broadcast_to(seg, (batch, heads, tp)).reshape(batch * heads, tp)
 
 
 def chunked_gla(q, k, v, g, initial_state=None, *, reset=None, scale=None, chunk_size: int = 64,
@@ -186,22 +149,22 @@ def chunked_gla(q, k, v, g, initial_state=None, *, reset=None, scale=None, chunk
     kp, vp = pow2_at_least(dk), pow2_at_least(dv)
     if vp > 128:
         vp = -(-vp // 128) * 128
-    qr, kr, vr = _to_rows(q, tp, kp), _to_rows(k, tp, kp), _to_rows(v, tp, vp)
+    qr, kr, vr = to_rows(q, tp, kp), to_rows(k, tp, kp), to_rows(v, tp, vp)
     # Padded steps have g = 0: exp(0) = 1 keeps the state, and k = v = 0 add nothing to it.
-    seg = _segments(reset, batch, time, heads, tp, chunk)
+    seg = chunk_segments(reset, batch, time, heads, tp, chunk)
     if initial_state is None:
         state0 = jnp.zeros((batch * heads, kp, vp), jnp.float32)
     else:
         state0 = jnp.pad(initial_state.astype(jnp.float32).reshape(batch * heads, dk, dv),
                          ((0, 0), (0, kp - dk), (0, vp - dv)))
     if g.ndim == 4:
-        gr = _to_rows(g.astype(jnp.float32), tp, kp)
+        gr = to_rows(g.astype(jnp.float32), tp, kp)
         b = jnp.cumsum(gr.reshape(batch * heads, tp // chunk, chunk, kp), axis=2)
         total_col = b[:, :, -1, :].reshape(batch * heads, (tp // chunk) * kp, 1)
         o, state = _core_per_key(qr, kr, vr, b.reshape(batch * heads, tp, kp), total_col, seg, state0,
                                  chunk, scale, platform, bool(interpret))
     else:
-        gr = _to_rows(g.astype(jnp.float32)[..., None], tp, 1)[..., 0]
+        gr = to_rows(g.astype(jnp.float32)[..., None], tp, 1)[..., 0]
         b = jnp.cumsum(gr.reshape(batch * heads, tp // chunk, chunk), axis=-1).reshape(batch * heads, tp)
         o, state = _core(qr, kr, vr, b, seg, state0, chunk, scale, platform, bool(interpret))
     o = jnp.moveaxis(o[:, :time, :dv].reshape(batch, heads, time, dv), 1, 2)
@@ -274,7 +237,7 @@ def chunked_mlstm(q, k, v, log_f, log_i, initial_state=None, *, reset=None, scal
     kp, vp = pow2_at_least(dk), pow2_at_least(dv + 1)
     if vp > 128:
         vp = -(-vp // 128) * 128
-    qr, kr, vr = _to_rows(q, tp, kp), _to_rows(k, tp, kp), _to_rows(v1, tp, vp)
+    qr, kr, vr = to_rows(q, tp, kp), to_rows(k, tp, kp), to_rows(v1, tp, vp)
     s0, n0, m0 = (None, None, None) if initial_state is None else initial_state
     s0 = jnp.zeros((batch, heads, dk, dv), jnp.float32) if s0 is None else s0.astype(jnp.float32)
     n0 = jnp.zeros((batch, heads, dk), jnp.float32) if n0 is None else n0.astype(jnp.float32)
@@ -282,8 +245,8 @@ def chunked_mlstm(q, k, v, log_f, log_i, initial_state=None, *, reset=None, scal
     state0 = jnp.concatenate([s0, n0[..., None]], axis=-1).reshape(bh, dk, dv + 1)
     state0 = jnp.pad(state0, ((0, 0), (0, kp - dk), (0, vp - dv - 1)))
     # Padded steps: log_f = 0, log_i = NEG, k = v = 0: m, S̃ and ñ stay as they are.
-    gr = _to_rows(log_f.astype(jnp.float32)[..., None], tp, 1)[..., 0]
-    ir = jnp.pad(_to_rows(log_i.astype(jnp.float32)[..., None], time, 1)[..., 0], ((0, 0), (0, tp - time)),
+    gr = to_rows(log_f.astype(jnp.float32)[..., None], tp, 1)[..., 0]
+    ir = jnp.pad(to_rows(log_i.astype(jnp.float32)[..., None], time, 1)[..., 0], ((0, 0), (0, tp - time)),
                  constant_values=NEG)
     if reset is None:
         reset_rows = jnp.zeros((bh, tp), bool)
@@ -293,7 +256,7 @@ def chunked_mlstm(q, k, v, log_f, log_i, initial_state=None, *, reset=None, scal
     m = _stabiliser(gr, ir, reset_rows, m0)                                              # [BH, Tp]
     b = jnp.cumsum(gr.reshape(bh, nc, chunk), axis=-1).reshape(bh, tp)
     mu = jnp.concatenate([m0[:, None], m[:, chunk - 1:tp - 1:chunk]], axis=1)             # [BH, NC]
-    seg = _segments(reset, batch, time, heads, tp, chunk)
+    seg = chunk_segments(reset, batch, time, heads, tp, chunk)
     o, state = _core_stabilised(qr, kr, vr, b - m, b - ir, mu, seg, state0, chunk, scale, platform,
                                 bool(interpret))
     num, den = o[:, :time, :dv].astype(jnp.float32), o[:, :time, dv].astype(jnp.float32)

@@ -35,14 +35,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import platform_kernels
+from pallas_kernels._common import DTYPES, platform_kernels
 from pallas_kernels.diagonal_scan import gpu, tpu
 from pallas_kernels.diagonal_scan.reference import diagonal_scan_reference
 
 __all__ = ["diagonal_scan", "diagonal_scan_reference"]
 
 PLATFORMS = (None, "gpu", "tpu")
-DTYPES = (jnp.float32, jnp.bfloat16)
 F32 = jnp.float32
 
 

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._common import pow2_at_least
+from pallas_kernels._common import DTYPES, pow2_at_least
 from pallas_kernels.fused_rnn_cell import gpu, tpu
 from pallas_kernels.fused_rnn_cell._math import FORGET_GATES, SPECS
 from pallas_kernels.fused_rnn_cell.reference import fused_rnn_cell_reference
@@ -55,7 +55,6 @@ __all__ = ["fused_rnn_cell", "fused_rnn_cell_reference", "fits_on_chip", "CELLS"
 
 CELLS = tuple(SPECS)
 PLATFORMS = (None, "gpu", "tpu")
-DTYPES = (jnp.float32, jnp.bfloat16)
 F32 = jnp.float32
 # TPU: W (double-buffered by the pipeline) and, in the backward pass, dW float32 scratch, within the
 # default 16 MiB scoped VMEM of a v5e with room for the x / h blocks.

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels._common import platform_kernels, pow2_at_least
+from pallas_kernels._common import DTYPES, platform_kernels, pow2_at_least
 from pallas_kernels.selective_scan import gpu, tpu
 from pallas_kernels.selective_scan._math import Config
 from pallas_kernels.selective_scan.reference import selective_scan_reference
@@ -51,7 +51,6 @@ from pallas_kernels.selective_scan.reference import selective_scan_reference
 __all__ = ["selective_scan", "selective_scan_reference", "unsupported_reason"]
 
 PLATFORMS = (None, "gpu", "tpu")
-DTYPES = (jnp.float32, jnp.bfloat16)
 F32 = jnp.float32
 
 
