@@ -37,6 +37,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from zoo.data.pack import pad
+
 # The paper's length-generalisation regime: train on 1..N = 40, test on N+1..500.
 TRAIN_MIN_LENGTH = 1
 TRAIN_MAX_LENGTH = 40
@@ -156,15 +158,4 @@ def collate(examples: Sequence[Example], pad_to: int | None = None) -> dict[str,
     t = longest if pad_to is None else pad_to
     if t < longest:
         raise ValueError(f"pad_to={pad_to} is shorter than the longest example ({longest} tokens)")
-    b = len(examples)
-    batch = {
-        "inputs": np.zeros((b, t), np.int32),
-        "targets": np.zeros((b, t), np.int32),
-        "mask": np.zeros((b, t), bool),
-        "reset": np.zeros((b, t), bool),
-    }
-    for row, (ex, n) in enumerate(zip(examples, lengths, strict=True)):
-        for key in ("inputs", "targets", "mask"):
-            batch[key][row, :n] = ex[key]
-    batch["reset"][:, 0] = True
-    return batch
+    return pad(examples, t)       # zoo.data.pack's row layout: one example per row
