@@ -191,14 +191,15 @@ def test_unrolled_loops_equal_the_plain_loop():
 def test_unknown_mode_is_rejected_by_name():
     params, h0 = lstm_params(0), lstm_state(0)
     xs, _, _ = data(0)
-    with pytest.raises(ValueError, match="mode='newton'"):
-        nonlinear.apply(LSTM, params, xs, initial_state=h0, mode="newton")
+    with pytest.raises(ValueError, match="mode='deer'"):
+        nonlinear.apply(LSTM, params, xs, initial_state=h0, mode="deer")
 
 
+@pytest.mark.parametrize("mode", ["auto", "newton"])
 @pytest.mark.parametrize("cell", [LSTM, plain_lstm], ids=["split", "plain"])
-def test_empty_sequence_returns_the_initial_state(cell):
+def test_empty_sequence_returns_the_initial_state(cell, mode):
     params, h0 = lstm_params(25), lstm_state(26)
     xs = jnp.zeros((B, 0, D_IN), jnp.float32)
-    ys, final = nonlinear.apply(cell, params, xs, initial_state=h0)
+    ys, final = nonlinear.apply(cell, params, xs, initial_state=h0, mode=mode)
     assert ys.shape == (B, 0, H)
     assert_trees_close(final, h0, TOL)

@@ -27,22 +27,49 @@ def cast(params, dtype):
 
 
 def cell_recurrence(name: str, cell, *, init, initial_state, input_width, default_d_in: int,
-                    fused=None) -> Recurrence:
+                    fused=None, project=None, structure=None) -> Recurrence:
     """The Recurrence of a cell run by the nonlinear engine (elman, lstm, gru, ...). ``fused`` (from
-    ``zoo/models/_fused.py``) may take ``apply`` to the fused Pallas cell kernel instead."""
+    ``zoo/models/_fused.py``) may take ``apply`` to the fused Pallas cell kernel instead.
+    ``project(params, x)``, when given, maps the inputs before the cell sees them (the input product
+    of a cell with a diagonal recurrence, done once over all steps); ``structure`` is the layout of
+    the cell's Jacobian for ``mode="newton"`` (``zoo/ops/newton.py``; None: one dense block)."""
 
     def step(params, h, x_t):
-        return nonlinear.step(cell, params, h, x_t)
+        return nonlinear.step(cell, params, h, x_t if project is None else project(params, x_t))
 
     def apply(params, xs, h, reset, mode, reverse):
         if fused is not None:
             result = fused(params, xs, h, reset, mode, reverse)
             if result is not None:
                 return result
-        return nonlinear.apply(cell, params, xs, initial_state=h, reset=reset, reverse=reverse, mode=mode)
+        if project is not None:
+            xs = project(params, xs)
+        return nonlinear.apply(cell, params, xs, initial_state=h, reset=reset, reverse=reverse, mode=mode,
+                               structure=structure)
 
     return make_recurrence(name, init=init, initial_state=initial_state, step=step, apply=apply,
                            input_width=input_width, modes=nonlinear.MODES, default_d_in=default_d_in)
+
+
+RECURRENCES = ("dense", "diagonal")
+
+
+def check_recurrence(model: str, recurrence: str) -> None:
+    """Config check for the cells that offer ParaRNN's diagonal recurrent weights."""
+    if recurrence not in RECURRENCES:
+        raise ValueError(f"{model}: recurrence={recurrence!r}; choose one of {RECURRENCES}")
+
+
+def diagonal_recurrent_init(key: jax.Array, d: int, n_blocks: int = 1) -> jax.Array:
+    """[n_blocks * d] recurrent weights of a diagonal recurrence, uniform in (-1, 1): |u| < 1, as the
+    rows of an orthogonal matrix have unit norm."""
+    return jax.random.uniform(key, (n_blocks * d,), jnp.float32, -1.0, 1.0)
+
+
+def input_projection(params, x):
+    """``x @ w_in + bias``: the input part of a cell's pre-activation, over any leading axes."""
+    dt = x.dtype
+    return x @ params["w_in"].astype(dt) + params["bias"].astype(dt)
 
 
 def check_chunk_size(model: str, chunk_size) -> None:

@@ -26,6 +26,12 @@ Parameters (D = d_model, D_in = input width), gate blocks of width D in the orde
 
 State: ``h`` [B, D], float32.
 
+``recurrence="diagonal"`` is ParaGRU ("ParaRNN: Unlocking Parallel Training of Nonlinear RNNs for
+Large Language Models", Danieli et al., 2025): U_r, U_z, U_n become vectors u_r, u_z, u_n and each
+product U h a product u ⊙ h, so unit j of h_t depends on unit j of h_{t-1} alone. The Jacobian
+∂h_t/∂h_{t-1} is then diagonal and ``mode="newton"`` solves each iteration with the diagonal engine
+(the two reset-gate forms coincide without b'_n). ``w_rec`` is then [3D].
+
 Changes from the paper: none in the equations (h_t = (1 - z) n + z h_{t-1} as in Cho et al. and
 torch; some libraries swap z and 1 - z). Initialisation: LeCun-normal inputs, orthogonal recurrent
 blocks, zero biases.
@@ -38,7 +44,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from zoo.models._common import cast, cell_recurrence, dense_init, orthogonal_init
+from zoo.models._common import (
+    cast,
+    cell_recurrence,
+    check_recurrence,
+    dense_init,
+    diagonal_recurrent_init,
+    orthogonal_init,
+)
 from zoo.models._fused import check_implementation, fused_apply
 from zoo.ops import nonlinear
 from zoo.registry import register
@@ -48,6 +61,7 @@ from zoo.registry import register
 class GRUConfig:
     d_model: int = 32
     reset_after: bool = False
+    recurrence: str = "dense"          # "dense" U [D, 3D], or "diagonal" u [3D] (ParaGRU)
     # "xla", "pallas" (pallas_kernels.fused_rnn_cell), a tuple tried in turn, or None: the kernel on
     # GPU/TPU in mode "auto" (zoo/models/_fused.py).
     implementation: str | tuple[str, ...] | None = None
@@ -55,6 +69,7 @@ class GRUConfig:
     def __post_init__(self):
         if self.d_model <= 0:
             raise ValueError(f"gru: d_model must be positive, got {self.d_model}")
+        check_recurrence("gru", self.recurrence)
         check_implementation("gru", self.implementation)
 
 
@@ -66,7 +81,9 @@ def build(config: GRUConfig):
 
     def init(key, d_in):
         k_in, k_rec = jax.random.split(key)
-        params = {"w_in": dense_init(k_in, d_in, 3 * d), "w_rec": orthogonal_init(k_rec, d, 3)}
+        w_rec = (diagonal_recurrent_init(k_rec, d, 3) if config.recurrence == "diagonal"
+                 else orthogonal_init(k_rec, d, 3))
+        params = {"w_in": dense_init(k_in, d_in, 3 * d), "w_rec": w_rec}
         if config.reset_after:
             params.update(bias_in=jnp.zeros((3 * d,)), bias_rec=jnp.zeros((3 * d,)))
         else:
@@ -96,7 +113,23 @@ def build(config: GRUConfig):
         n = jnp.tanh(pre_x[..., 2 * d:] + r * pre_h[..., 2 * d:])
         return mix(z, n, h)
 
-    if config.reset_after:
+    def diagonal_cell(params, h, pre_x):
+        """ParaGRU from the hoisted input part: every product with h is element-wise."""
+        dt = pre_x.dtype
+        pre_h = jnp.tile(h.astype(dt), 3) * params["w_rec"].astype(dt)
+        if config.reset_after:
+            pre_h = pre_h + params["bias_rec"].astype(dt)
+        rz = jax.nn.sigmoid(pre_x[..., :2 * d] + pre_h[..., :2 * d])
+        r, z = rz[..., :d], rz[..., d:]
+        return mix(z, jnp.tanh(pre_x[..., 2 * d:] + r * pre_h[..., 2 * d:]), h)
+
+    def project(params, x):
+        bias = params["bias_in"] if config.reset_after else params["bias"]
+        return x @ params["w_in"].astype(x.dtype) + bias.astype(x.dtype)
+
+    if config.recurrence == "diagonal":
+        cell = diagonal_cell
+    elif config.reset_after:
         cell = nonlinear.SplitCell(input_weight=lambda p: p["w_in"], recurrent_weight=lambda p: p["w_rec"],
                                    read=lambda h: h, pointwise=pointwise, separate=True,
                                    bias=lambda p: p["bias_in"])
@@ -108,13 +141,12 @@ def build(config: GRUConfig):
 
     def prepare(params, xs):
         """The fused kernel's inputs: the hoisted input projection, W_rec and (reset after) b_rec."""
-        dt = xs.dtype
-        bias = params["bias_in"] if config.reset_after else params["bias"]
-        x_pre = xs @ params["w_in"].astype(dt) + bias.astype(dt)
         kwargs = {"b_rec": params["bias_rec"]} if config.reset_after else {}
-        return x_pre, params["w_rec"].astype(dt), kwargs
+        return project(params, xs), params["w_rec"].astype(xs.dtype), kwargs
 
+    diagonal = config.recurrence == "diagonal"
     fused = fused_apply("gru", config.implementation, cell="gru_reset_after" if config.reset_after else "gru",
-                        width=d, prepare=prepare)
+                        width=d, prepare=prepare, reason="recurrence='diagonal'" if diagonal else None)
     return cell_recurrence("gru", cell, init=init, initial_state=initial_state,
-                           input_width=lambda p: p["w_in"].shape[0], default_d_in=d, fused=fused)
+                           input_width=lambda p: p["w_in"].shape[0], default_d_in=d, fused=fused,
+                           project=project if diagonal else None, structure="diagonal" if diagonal else None)

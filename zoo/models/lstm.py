@@ -38,6 +38,12 @@ Parameters (D = d_model, D_in = input width; the gates that a variant drops have
 * ``peep_i``, ``peep_f``, ``peep_o`` [D]: the diagonal peepholes of the gates present (not in "np").
 * ``w_gate_rec`` [3D, 3D] ("fgr" only): rows and columns in the order (i, f, o).
 
+``recurrence="diagonal"`` is ParaLSTM ("ParaRNN: Unlocking Parallel Training of Nonlinear RNNs for
+Large Language Models", Danieli et al., 2025): each R_g becomes a vector r_g, so R_g h_{t-1} becomes
+r_g ⊙ h_{t-1}. Unit j of (h_t, c_t) then depends only on unit j of (h_{t-1}, c_{t-1}): the Jacobian is
+block-diagonal with D blocks of 2x2, which ``mode="newton"`` declares and solves. ``w_rec`` is then
+[n·D]; not with "fgr", whose gate recurrence mixes units by design.
+
 State: ``{"h": [B, D], "c": [B, D]}`` (+ ``"gates": [B, 3D]`` = (i, f, o) at t-1 for "fgr"), float32.
 
 Changes from the paper: the gate order inside the fused matrices follows torch so that weights
@@ -55,7 +61,15 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from zoo.models._common import cast, cell_recurrence, dense_init, orthogonal_init
+from zoo.models._common import (
+    cast,
+    cell_recurrence,
+    check_recurrence,
+    dense_init,
+    diagonal_recurrent_init,
+    input_projection,
+    orthogonal_init,
+)
 from zoo.models._fused import check_implementation, fused_apply
 from zoo.ops import nonlinear
 from zoo.registry import register
@@ -81,6 +95,7 @@ class LSTMConfig:
     d_model: int = 32
     variant: str = "vanilla"
     forget_bias: float = 1.0
+    recurrence: str = "dense"          # "dense" R [D, n·D], or "diagonal" r [n·D] (ParaLSTM)
     # "xla", "pallas" (pallas_kernels.fused_rnn_cell, for "vanilla" and "np"), a tuple tried in turn,
     # or None: the kernel on GPU/TPU in mode "auto" (zoo/models/_fused.py).
     implementation: str | tuple[str, ...] | None = None
@@ -89,6 +104,10 @@ class LSTMConfig:
         if self.variant not in VARIANTS:
             raise ValueError(f"lstm: variant={self.variant!r}; choose one of {VARIANTS}")
         check_implementation("lstm", self.implementation)
+        check_recurrence("lstm", self.recurrence)
+        if self.recurrence == "diagonal" and self.variant == "fgr":
+            raise ValueError("lstm: recurrence='diagonal' does not combine with variant='fgr' (its gate "
+                             "recurrence mixes units)")
         if self.d_model <= 0:
             raise ValueError(f"lstm: d_model must be positive, got {self.d_model}")
 
@@ -114,7 +133,9 @@ def build(config: LSTMConfig):
         bias = jnp.zeros((n * d,))
         if "f" in block:
             bias = bias.at[block["f"]].set(config.forget_bias)
-        params = {"w_in": dense_init(k_in, d_in, n * d), "w_rec": orthogonal_init(k_rec, d, n),
+        w_rec = (diagonal_recurrent_init(k_rec, d, n) if config.recurrence == "diagonal"
+                 else orthogonal_init(k_rec, d, n))
+        params = {"w_in": dense_init(k_in, d_in, n * d), "w_rec": w_rec,
                   "bias": bias}
         params.update({f"peep_{g}": jnp.zeros((d,)) for g in peeps})
         if fgr:
@@ -170,14 +191,27 @@ def build(config: LSTMConfig):
 
     def prepare(params, xs):
         """The fused kernel's inputs: the hoisted input projection, W_rec, the peepholes (i, f, o)."""
-        dt = xs.dtype
-        x_pre = xs @ params["w_in"].astype(dt) + params["bias"].astype(dt)
         kwargs = {}
         if peeps:
             kwargs["peepholes"] = jnp.stack([params[f"peep_{g}"] for g in ("i", "f", "o")])
-        return x_pre, params["w_rec"].astype(dt), kwargs
+        return input_projection(params, xs), params["w_rec"].astype(xs.dtype), kwargs
 
+    def diagonal_cell(params, h, pre_x):
+        """ParaLSTM from the hoisted input part: R h becomes r ⊙ h, one copy of h per gate block."""
+        dt = pre_x.dtype
+        pre_h = jnp.tile(h["h"].astype(dt), len(order)) * params["w_rec"].astype(dt)
+        return pointwise(params, pre_x + pre_h, h)
+
+    def unit_pairs(like):
+        """(h_j, c_j) as block j: the 2x2 blocks of ParaLSTM's Jacobian."""
+        return nonlinear.Blocks(to_blocks=lambda s: jnp.stack([s["h"], s["c"]], axis=-1),
+                                from_blocks=lambda z: {"h": z[..., 0], "c": z[..., 1]})
+
+    common = dict(init=init, initial_state=initial_state, input_width=lambda p: p["w_in"].shape[0],
+                  default_d_in=d)
+    if config.recurrence == "diagonal":
+        return cell_recurrence("lstm", diagonal_cell, project=input_projection, structure=unit_pairs,
+                               **common)
     reason = None if variant in ("vanilla", "np") else f"the {variant!r} variant"
     fused = fused_apply("lstm", config.implementation, cell="lstm", width=d, prepare=prepare, reason=reason)
-    return cell_recurrence("lstm", cell, init=init, initial_state=initial_state,
-                           input_width=lambda p: p["w_in"].shape[0], default_d_in=d, fused=fused)
+    return cell_recurrence("lstm", cell, fused=fused, **common)

@@ -31,7 +31,8 @@ xlstm's ``sLSTMBlock`` inside ``xLSTMBlockStack``)::
     layer: out = y
     block: u' = u + y;  out = u' + W_down(act(g) ⊙ p),  [g, p] = LN(u') W_up     (the gated FFN)
 
-Engine: nonlinear (sequential ``lax.scan``). The convolution and the four input projections run over
+Engine: nonlinear (sequential ``lax.scan``, or ``mode="newton"`` with the head-wise block Jacobian
+declared, H blocks of 4·d_head). The convolution and the four input projections run over
 the whole sequence before the scan (``W x̂`` is hoisted); the scanned cell ``f(params, state, pre_t)``
 adds R h_{t-1} and applies the pointwise update; the GroupNorm and the FFN run after it.
 
@@ -309,8 +310,24 @@ def build(config: SLSTMConfig):
         pre = input_preactivation(params, x, x_conv)
         kernel = fused(params, pre, memory, reset, mode, reverse)
         hs, memory = kernel if kernel is not None else nonlinear.apply(
-            cell, params, pre, initial_state=memory, reset=reset, reverse=reverse, mode=mode)
+            cell, params, pre, initial_state=memory, reset=reset, reverse=reverse, mode=mode,
+            structure=head_blocks)
         return readout(params, u, hs, xs.dtype).astype(xs.dtype), join_state(window, memory)
+
+    def head_blocks(like):
+        """The recurrence is head-wise: head k of (h, c, n, m) at t depends on head k at t - 1 alone,
+        so mode="newton" solves H blocks of 4·d_head instead of one of 4·D."""
+        def to_blocks(memory):
+            z = jnp.stack(memory, axis=-2)                                  # [..., 4, D]
+            z = z.reshape(z.shape[:-1] + (heads, dh))                       # [..., 4, H, dh]
+            return jnp.swapaxes(z, -3, -2).reshape(z.shape[:-3] + (heads, 4 * dh))
+
+        def from_blocks(z):
+            z = jnp.swapaxes(z.reshape(z.shape[:-1] + (4, dh)), -3, -2)    # [..., 4, H, dh]
+            z = z.reshape(z.shape[:-2] + (d,))
+            return tuple(z[..., k, :] for k in range(4))
+
+        return nonlinear.Blocks(to_blocks, from_blocks)
 
     # The cell's time loop as one fused Pallas kernel where it applies: pre [B, T, 4, D] is the input
     # part (W x̂ + b), R the block-diagonal recurrent matrix.

@@ -1,7 +1,13 @@
 """The nonlinear engine: any cell ``h_t, y_t = f(params, h_{t-1}, x_t)`` run over time.
 
-The state enters a nonlinearity, so the only exact parallel form is an iterative solve (a later
-``mode="newton"``); ``mode="sequential"`` is a loop over time.
+The state enters a nonlinearity, so the only exact parallel form is an iterative solve:
+``mode="sequential"`` is a loop over time, ``mode="newton"`` solves the whole trajectory in parallel
+over time by Newton's method (DEER / ParaRNN; see ``zoo/ops/newton.py``): each iteration is one
+evaluation of the cell at every step plus one linear recurrence, and the gradient is implicit.
+Newton takes ``structure=`` (how the cell's Jacobian ∂h_t/∂h_{t-1} is laid out: "dense",
+"diagonal" or ``newton.Blocks``), ``newton=NewtonOptions(...)`` (or ``newton_options(...)`` around
+the call), ``initial_guess=`` (a state trajectory, e.g. the previous training step's) and
+``return_diagnostics=True`` (then ``apply`` returns ``(ys, final_state, NewtonDiagnostics)``).
 
 Shapes: ``xs`` is a pytree whose leaves are [B, T, ...]; the cell sees [B, ...] slices and the
 state ``h`` is a pytree of float32 arrays with leading axis B. ``reset[b, t] = True`` replaces the
@@ -38,11 +44,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from zoo.ops._time import reset_for_reverse
+from zoo.ops import newton as _newton
+from zoo.ops._time import reset_before, reset_for_reverse
+from zoo.ops.newton import Blocks, NewtonDiagnostics, NewtonOptions, NewtonWarning, newton_options
 
 Cell = Callable[[Any, Any, Any], tuple[Any, Any]]
 
-MODES = ("sequential",)
+MODES = ("sequential", "newton")
+__all__ = ["MODES", "Blocks", "NewtonDiagnostics", "NewtonOptions", "NewtonWarning", "SplitCell", "apply",
+           "newton_options", "reference", "step"]
 
 
 class SplitCell(NamedTuple):
@@ -110,12 +120,20 @@ def step(cell: Cell, params, h, x_t):
 
 
 def apply(cell: Cell, params, xs, *, initial_state, reset=None, reverse: bool = False,
-          mode: str = "auto", unroll: int = 1, reset_state=None):
-    """Run ``cell`` over the time axis (axis 1) of ``xs``. Returns ``(ys [B, T, ...], final_state)``."""
+          mode: str = "auto", unroll: int = 1, reset_state=None, structure=None,
+          newton: NewtonOptions | None = None, initial_guess=None, return_diagnostics: bool = False):
+    """Run ``cell`` over the time axis (axis 1) of ``xs``. Returns ``(ys [B, T, ...], final_state)``,
+    and with ``return_diagnostics`` (mode "newton" only) also a ``NewtonDiagnostics``."""
     if mode not in ("auto", *MODES):
         raise ValueError(f"nonlinear.apply: mode={mode!r}; choose one of {('auto', *MODES)}")
+    if mode != "newton" and (return_diagnostics or initial_guess is not None or newton is not None):
+        raise ValueError(f"nonlinear.apply: return_diagnostics, initial_guess and newton apply to "
+                         f"mode='newton' only, got mode={mode!r}")
     h0 = _to_float32(initial_state)
     fresh = jax.tree.map(jnp.zeros_like, h0) if reset_state is None else _to_float32(reset_state)
+    if mode == "newton":
+        return _newton_apply(cell, params, xs, h0, fresh, reset, reverse, structure,
+                             _newton.current_options(newton), initial_guess, return_diagnostics)
     if isinstance(cell, SplitCell):
         if not hasattr(xs, "shape") or len(xs.shape) != 3:
             raise TypeError(f"nonlinear.apply: a SplitCell takes xs as one [B, T, D_in] array, "
@@ -149,6 +167,56 @@ def _generic_scan(cell, params, xs, h0, fresh, reset, reverse, unroll):
     if reverse:
         ys_tm = jax.tree.map(lambda y: jnp.flip(y, 0), ys_tm)
     return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1), ys_tm), final
+
+
+# --------------------------------------------------------------------------------------------
+# mode="newton": the cell in the form the solver evaluates at every step at once.
+
+
+def _split_step(cell: SplitCell, params, h, pre_x):
+    """A SplitCell step from its hoisted input part ``x_t @ W_in + bias``."""
+    w_rec = cell.recurrent_weight(params).astype(pre_x.dtype)
+    pre_h = cell.read(h).astype(pre_x.dtype) @ w_rec
+    return cell.pointwise(params, (pre_x, pre_h) if cell.separate else pre_x + pre_h, h)
+
+
+def _newton_form(cell: Cell, params, xs):
+    """``(f, inputs)``: a SplitCell's input product runs once over all B·T rows, not per iteration."""
+    if not isinstance(cell, SplitCell):
+        return cell, xs
+    pre_x = xs @ cell.input_weight(params).astype(xs.dtype)
+    if cell.bias is not None:
+        pre_x = pre_x + cell.bias(params).astype(xs.dtype)
+    return partial(_split_step, cell), pre_x
+
+
+def _newton_apply(cell, params, xs, h0, fresh, reset, reverse, structure, options, initial_guess,
+                  return_diagnostics):
+    time = jax.tree.leaves(xs)[0].shape[1]
+    if isinstance(cell, SplitCell) and (not hasattr(xs, "shape") or len(xs.shape) != 3):
+        raise TypeError(f"nonlinear.apply: a SplitCell takes xs as one [B, T, D_in] array, "
+                        f"got {jax.tree.map(jnp.shape, xs)}")
+    if time == 0:                                 # nothing to solve: the sequential path's empty result
+        ys, final = apply(cell, params, xs, initial_state=h0, reset=reset, reverse=reverse,
+                          mode="sequential", reset_state=fresh)
+        stats = NewtonDiagnostics(jnp.int32(0), jnp.float32(0), jnp.bool_(True),
+                                  jax.tree.map(lambda h: h[:, None][:, :0], h0))
+        return (ys, final, stats) if return_diagnostics else (ys, final)
+    compute_dtype = jax.tree.leaves(xs)[0].dtype
+    f, inputs = _newton_form(cell, params, xs)
+    flip = lambda tree: jax.tree.map(lambda x: jnp.flip(x, 1), tree)
+    guess = initial_guess
+    if reverse:
+        inputs, reset, guess = flip(inputs), reset_for_reverse(reset), None if guess is None else flip(guess)
+    ys, trajectory, (iters, residual, converged) = _newton.run(
+        f, params, inputs, initial_state=h0, fresh=fresh, reset=reset, structure=structure, options=options,
+        initial_guess=guess, compute_dtype=compute_dtype)
+    final = jax.tree.map(lambda h: h[:, -1], trajectory)
+    if reverse:
+        ys, trajectory = flip(ys), flip(trajectory)
+    if not return_diagnostics:
+        return ys, final
+    return ys, final, NewtonDiagnostics(iters, residual, converged, trajectory)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,11 +355,10 @@ def reference(cell: Cell, params, xs, *, initial_state, reset=None, reverse: boo
     order = range(time - 1, -1, -1) if reverse else range(time)
     outputs = [None] * time
     for t in order:
-        if reset is not None:
-            # Forward: a segment starts at t. Backward: the carry from t + 1 ends its segment.
-            flag = reset[:, t + 1] if reverse else reset[:, t]
-            if not (reverse and t == time - 1):
-                h = _select_state(flag, fresh, h)
+        # Forward: a segment starts at t. Backward: the carry from t + 1 ends its segment.
+        flag = reset_before(reset, t, time, reverse)
+        if flag is not None:
+            h = _select_state(jnp.asarray(flag), fresh, h)
         x_t = jax.tree.map(lambda x, t=t: x[:, t], xs)
         h, outputs[t] = step(cell, params, h, x_t)
     ys = jax.tree.map(lambda *ys_t: jnp.stack(ys_t, axis=1), *outputs)
