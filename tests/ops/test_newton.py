@@ -163,6 +163,18 @@ def test_diagnostics_report_convergence_and_the_trajectory():
     assert int(warm.iterations) == 0 and bool(warm.converged)
 
 
+def test_vmap_over_an_extra_axis_equals_a_loop():
+    params, xs, h0, _ = _pair_problem(6)
+    stacked = jnp.stack([xs, 0.5 * xs, -xs])
+    run = lambda x: nonlinear.apply(pair_cell, params, x, initial_state=h0, reset=RESET, mode="newton")
+    got = jax.jit(jax.vmap(run))(stacked)
+    # The loop is traced once per row inside one jit: an independent reference for each row.
+    loop = jax.jit(lambda x: [nonlinear.reference(pair_cell, params, x[i], initial_state=h0, reset=RESET)
+                              for i in range(3)])(stacked)
+    for i in range(3):
+        _close(jax.tree.map(lambda g, i=i: g[i], got), loop[i])
+
+
 def test_quasi_newton_takes_more_iterations_than_full_newton_but_reaches_the_same_point():
     rec = zoo.get("gru", d_model=6)
     params = rec.init(jax.random.key(5), D_IN)

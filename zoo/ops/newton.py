@@ -31,7 +31,8 @@ the solution the adjoint of the fixed point is one more linear recurrence, run b
 transposed Jacobians, ``u_t = dh_t + J_{t+1}ᵀ u_{t+1} + (∂y_{t+1}/∂h_t)ᵀ dy_{t+1}``; then a single
 vector-Jacobian product of the cell over all steps gives the parameter, input, initial-state and
 reset-state gradients. With ``jacobian="diagonal"`` the backward pass still uses the exact Jacobian
-in the declared structure, so the gradient is the sequential scan's.
+in the declared structure, so the gradient is the sequential scan's. Being a ``custom_vjp``, the
+mode supports reverse-mode differentiation, not ``jax.jvp``.
 
 **Stability.** ``damping`` < 1 takes that fraction of each Newton step; ``backtrack`` halves a step
 (up to that many times) while the residual does not decrease, and a step that produces a non-finite
