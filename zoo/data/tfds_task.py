@@ -36,6 +36,13 @@ mask False.
   replacement, from a generator seeded by ``(seed, split, step)``, and packs them next-fit until the
   next one does not fit.
 
+* ``batch_at_length(step, length, split="eval")`` (the training loop's ``eval_lengths``): for a config
+  with an eval length field (``config.with_eval_length``: ``eval_sequence_length`` by default, as
+  ``passkey`` has), held-out batch ``step`` of the config's copy with that field set to ``length``
+  (and ``train_size=1``: eval records never depend on it), built into its own directory like any
+  config, one record per row of exactly ``length`` steps. Tasks without such a field lack the
+  attribute, so the loop refuses their ``eval_lengths`` before training.
+
 Where the data lives
 --------------------
 ``data_dir`` argument, else the environment variable ``ZOO_DATA_DIR``, else ``~/.cache/zoo/tfds``.
@@ -105,6 +112,7 @@ MAX_NAME = 200
 # Tags that keep the per-example generators and the per-epoch orders independent streams.
 EXAMPLE_STREAM, ORDER_STREAM, PACK_STREAM = 0, 1, 2
 _CUSTOM_CONFIG_NOTICE = "Using custom data configuration"
+EVAL_LENGTH_FIELD = "eval_sequence_length"
 _TFDS_FIELDS = frozenset(field.name for field in dataclasses.fields(tfds.core.BuilderConfig))
 
 
@@ -183,6 +191,16 @@ class SequenceConfig(tfds.core.BuilderConfig):
     def max_length(self, split: str) -> int:
         """The length of the longest example ``split`` can hold."""
         raise NotImplementedError
+
+    def with_eval_length(self, length: int) -> SequenceConfig | None:
+        """A copy whose ``eval`` examples all have ``length`` steps, or None if the task has no such field.
+
+        By default a config with a field ``eval_sequence_length`` (``passkey``) sets it; subclasses whose
+        eval length is spelled otherwise override this (``linear_regression``: ``eval_n_points``).
+        """
+        if EVAL_LENGTH_FIELD not in task_fields(self):
+            return None
+        return dataclasses.replace(self, **{EVAL_LENGTH_FIELD: length})
 
 
 def check_split(split: str) -> None:
@@ -305,6 +323,7 @@ class TfdsTask:
     pack: bool = False
     data_dir: str | os.PathLike | None = None
     _sources: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+    _at_length: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.config, self.builder_cls.CONFIG):
@@ -331,6 +350,42 @@ class TfdsTask:
 
     def row_length(self, split: str) -> int:
         return self.length or self.config.max_length(split)
+
+    @property
+    def batch_at_length(self) -> Callable[..., Batch]:
+        """``batch_at_length(step, length, split="eval")``, the training loop's protocol for
+        ``eval_lengths``: held-out batch ``step`` of the config's copy ``config.with_eval_length(length)``
+        (its own dataset directory, since the name spells the field out; its ``train_size`` is cut to 1,
+        as eval records do not depend on it), rows exactly ``length`` long.
+
+        For a config without a length field this attribute does not exist (AttributeError), so that
+        ``zoo.train.loop.supports_lengths`` reports the task unsupported before training starts.
+        """
+        if self.config.with_eval_length(self.config.max_length("eval")) is None:
+            raise AttributeError(f"{type(self).__name__} {self.name!r}: {type(self.config).__name__} has no "
+                                 f"eval length field ({EVAL_LENGTH_FIELD} or a with_eval_length override), "
+                                 f"so it has no batch_at_length")
+        return self._batch_at_length
+
+    def at_eval_length(self, length: int) -> TfdsTask:
+        """This task on ``config.with_eval_length(length)`` (cached per length), rows of ``length`` steps."""
+        if length not in self._at_length:
+            config = self.config.with_eval_length(length)
+            if config is None:
+                raise ValueError(f"{self.name}: {type(self.config).__name__} cannot set an eval length")
+            config = dataclasses.replace(config, train_size=1)
+            if config.max_length("eval") != length:
+                raise ValueError(f"{self.name}: with_eval_length({length}) gave eval examples of up to "
+                                 f"{config.max_length('eval')} steps")
+            self._at_length[length] = dataclasses.replace(self, config=config, length=None, pack=False)
+        return self._at_length[length]
+
+    def _batch_at_length(self, step: int, length: int, split: str = "eval") -> Batch:
+        if split != "eval":
+            raise ValueError(f"{self.name}: batch_at_length sets the eval split's length, "
+                             f"got split={split!r}")
+        check_step(step)
+        return self.at_eval_length(int(length)).batch(step, split)
 
     def builder(self) -> SequenceBuilder:
         return self.builder_cls(config=self.config, data_dir=self.data_dir)
