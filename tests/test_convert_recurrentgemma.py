@@ -9,6 +9,8 @@ compared at 1e-4 absolute and relative (logits are O(1)-O(10)).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,8 @@ from zoo.models import griffin
 
 rg = pytest.importorskip("recurrentgemma.jax")
 common = pytest.importorskip("recurrentgemma.common")
-pytestmark = pytest.mark.refs
+# Small shapes checked for values: compiled without XLA's optimisation passes (tests/conftest.py).
+pytestmark = [pytest.mark.refs, pytest.mark.usefixtures("quick_compile")]
 
 B, T, VOCAB = 2, 13, 50
 R, A = common.TemporalBlockType.RECURRENT, common.TemporalBlockType.ATTENTION
@@ -27,6 +30,7 @@ PATTERNS = {"griffin": (R, R, A), "hawk": (R, R)}
 TOL = 1e-4
 
 
+@functools.cache          # the same model in several tests: initialised (eagerly) once
 def rg_model(pattern: str, soft_cap: float = 30.0, scale_embeddings: bool = True):
     config = rg.GriffinConfig(vocab_size=VOCAB, width=16, mlp_expanded_width=48, num_heads=2,
                               block_types=PATTERNS[pattern], embeddings_scale_by_sqrt_dim=scale_embeddings,

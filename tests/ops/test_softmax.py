@@ -20,6 +20,9 @@ import pytest
 
 from zoo.ops import softmax
 
+# Small shapes checked for values: compiled without XLA's optimisation passes (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 B, T, G, R, K, V, W = 2, 11, 2, 2, 8, 5, 3
 H = G * R
 ROPE = softmax.Rope(dims=4)

@@ -12,6 +12,9 @@ from pallas_kernels.diagonal_scan import diagonal_scan, diagonal_scan_reference,
 from zoo.ops import diagonal
 
 TRITON = "__gpu$xla.gpu.triton"
+# Interpret-mode kernels on small shapes, checked for values: compiled without XLA's optimisation
+# passes (tests/conftest.py), which is most of what these tests spend.
+pytestmark = pytest.mark.usefixtures("quick_compile")
 
 
 def _inputs(seed, shape, dtype=jnp.float32, a_shape=None):
@@ -56,11 +59,15 @@ def _close(got, want, tol):
 # 8 steps here, so T = 37 and 45 run 5 and 6 time tiles, the last one padded, with the carry and the
 # backward pass's boundary rows crossing tiles.
 SHAPES = [(2, 37, 20), (2, 16, 3, 5), (1, 1, 7), (1, 45, 2100)]
+# Reverse runs the first shape in the default suite (odd T and D, the carry crossing time tiles
+# backwards, both bodies): the other shapes' properties (extra feature axes, one step, several lane and
+# feature tiles) are layouts, the same in either direction and checked forwards; reversed under -m slow.
+CASES = [pytest.param(shape, platform, reverse, id=f"shape{i}-{platform}-{reverse}",
+                      marks=[pytest.mark.slow] if reverse and i > 0 else [])
+         for i, shape in enumerate(SHAPES) for platform in ("gpu", "tpu") for reverse in (False, True)]
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("platform", ["gpu", "tpu"])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape, platform, reverse", CASES)
 def test_forward_and_gradients_match_references(shape, platform, reverse, monkeypatch):
     monkeypatch.setattr(tpu, "MAX_TIME_TILE", 8)
     a, b, h0 = _inputs(0, shape)

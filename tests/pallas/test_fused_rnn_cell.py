@@ -17,6 +17,9 @@ from zoo.models import gru, lstm, slstm
 from zoo.ops import nonlinear
 
 TRITON = "__gpu$xla.gpu.triton"
+# Interpret-mode kernels on small shapes, checked for values: compiled without XLA's optimisation
+# passes (tests/conftest.py), which is most of what these tests spend.
+pytestmark = pytest.mark.usefixtures("quick_compile")
 F32 = jnp.float32
 
 

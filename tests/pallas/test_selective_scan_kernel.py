@@ -13,6 +13,9 @@ from pallas_kernels.selective_scan import selective_scan, selective_scan_referen
 from zoo.ops import selective
 
 TRITON = "__gpu$xla.gpu.triton"
+# Interpret-mode kernels on small shapes, checked for values: compiled without XLA's optimisation
+# passes (tests/conftest.py), which is most of what these tests spend.
+pytestmark = pytest.mark.usefixtures("quick_compile")
 NAMES = "u delta A B C D z delta_bias initial_state".split()
 
 
