@@ -23,6 +23,14 @@ with ``--config.<field>=<value>``:
 * ``output_dir`` (default ``runs/<model>-<task>``), ``checkpoint_dir`` (default
   ``<output_dir>/checkpoints``; "" for none), ``checkpoint_every`` (default ``eval_every``).
 
+The task decides the loss and the reported metrics (``TASK_LOSSES``, ``loss_fn_for``): masked
+cross-entropy and accuracy (``zoo.train.losses.classification_loss``) unless it names another, such as
+``bach_chorales`` (negative log-likelihood per frame of independent Bernoullis, ``nll_per_frame``) and
+``char_lm`` (cross-entropy and ``bits_per_character``) and ``linear_regression`` (mean squared error at
+the query steps). A task of float vector inputs (a task with an
+``input_dim``: ``bach_chorales``, ``sequential_digits`` with ``view=rows``) is read through a linear input
+layer instead of a token embedding.
+
 The run writes ``metrics.jsonl`` (one record per step), ``curves.png``, ``lengths.png`` (accuracy at
 each of ``eval_lengths``), ``config.json`` and ``final.json`` into ``output_dir``, shows a progress bar
 and prints the final metrics. Rerunning the same command after a kill (even SIGKILL) resumes from the
@@ -54,6 +62,39 @@ TASK_FIELDS_SET_ELSEWHERE = ("batch_size", "seed")   # config.batch_size, config
 NOT_IN_RUN = ("eval_every", "eval_batches", "eval_lengths", "log_every", "checkpoint_every", "output_dir",
               "checkpoint_dir", "progress")
 SCHEDULES = ("warmup_cosine", "constant")
+
+
+def char_lm_loss(model, batch):
+    """``classification_loss`` plus ``bits_per_character``, the metric of ``char_lm`` (nats / ln 2)."""
+    from zoo.data.char_lm import bits_per_character
+    from zoo.train.losses import classification_loss
+
+    loss, metrics = classification_loss(model, batch)
+    return loss, {**metrics, "bits_per_character": bits_per_character(loss)}
+
+
+# The loss_fn of the tasks that are not per-step classification with accuracy, as a function or as
+# "module:function" (imported when a run of that task starts). Every other task:
+# zoo.train.losses.classification_loss.
+TASK_LOSSES = {
+    "bach_chorales": "zoo.data.bach_chorales:frame_loss",   # multi-hot targets: NLL per frame
+    "char_lm": char_lm_loss,                                # cross-entropy, accuracy, bits per character
+    "linear_regression": "zoo.data.linear_regression:regression_loss",   # masked MSE at the queries
+}
+
+
+def loss_fn_for(task: str):
+    """The ``loss_fn(model, batch) -> (loss, metrics)`` that a run of ``task`` trains and evaluates with."""
+    import importlib
+
+    from zoo.train.losses import classification_loss
+
+    task_factory(task)
+    loss = TASK_LOSSES.get(task, classification_loss)
+    if isinstance(loss, str):
+        module, name = loss.split(":")
+        loss = getattr(importlib.import_module(module), name)
+    return loss
 
 
 def choose(kind: str, name: str, choices) -> None:
@@ -89,10 +130,33 @@ def _scalar_type(annotation) -> type | None:
 
 
 def _type_hints(obj) -> dict[str, Any]:
+    target = getattr(obj, "func", obj)      # functools.partial: its function
     try:
-        return typing.get_type_hints(getattr(obj, "func", obj))     # functools.partial: its function
-    except Exception:       # an annotation that does not resolve: fall back to the default's type
-        return {}
+        return typing.get_type_hints(target)
+    except Exception:       # an annotation that does not resolve (tfds' BuilderConfig has some): one by one
+        return _annotations_one_by_one(target)
+
+
+def _annotations_one_by_one(target) -> dict[str, Any]:
+    """The annotations of ``target`` (and of its base classes) that resolve, each on its own, so that one
+    unresolvable annotation (tfds' ``Version``) costs only its own field, which then takes its default's
+    type (``max_chorales: int | None = None`` must still accept ``--config.task_config.max_chorales=2``)."""
+    import sys
+
+    hints: dict[str, Any] = {}
+    for owner in reversed(getattr(target, "__mro__", (target,))):
+        annotations = (owner.__dict__.get("__annotations__", {}) if isinstance(owner, type)
+                       else getattr(owner, "__annotations__", {}))
+        module = sys.modules.get(getattr(owner, "__module__", ""), None)
+        namespace = dict(vars(module)) if module is not None else {}
+        for name, annotation in annotations.items():
+            if isinstance(annotation, str):
+                try:
+                    annotation = eval(annotation, namespace)     # noqa: S307 - the class's own annotation
+                except Exception:
+                    continue
+            hints[name] = annotation
+    return hints
 
 
 def _field(value, annotation):
@@ -220,13 +284,20 @@ def build_task(cfg):
     return task_factory(cfg.task)(**kwargs)
 
 
+def model_inputs(task) -> dict[str, int]:
+    """How the model reads the task's inputs: ``{"d_input": n}`` for float vectors [B, T, n] (a task with an
+    ``input_dim``, as ``zoo.data.vectors.VectorTask``), else ``{"vocab_size": n}`` for integer tokens."""
+    d_input = getattr(task, "input_dim", None)
+    return {"d_input": d_input} if d_input is not None else {"vocab_size": task.vocab_size}
+
+
 def build_model(cfg, task):
     from flax import nnx
 
     from zoo.nn import SequenceModel
 
     model_info(cfg.model)
-    return SequenceModel(cfg.model, vocab_size=task.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers,
+    return SequenceModel(cfg.model, **model_inputs(task), d_model=cfg.d_model, n_layers=cfg.n_layers,
                          d_output=task.n_classes, mixer_config=cfg.model_config.to_dict(),
                          mlp_ratio=cfg.mlp_ratio, rngs=nnx.Rngs(cfg.seed))
 
@@ -242,15 +313,17 @@ def run_description(cfg) -> dict[str, Any]:
 
 
 def plot_lengths(final: dict[str, float], lengths, path: str, title: str) -> None:
-    """Held-out accuracy against sequence length (the length-generalisation curve) as a PNG."""
+    """Held-out accuracy (the loss, for a task without one) against sequence length as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    metric = "accuracy" if f"eval_len{lengths[0]}_accuracy" in final else "loss"
     fig = Figure(figsize=(5, 3.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    ax.plot(lengths, [final[f"eval_len{n}_accuracy"] for n in lengths], "o-", color="tab:orange")
-    ax.set(xlabel="sequence length", ylabel="held-out accuracy", ylim=(-0.02, 1.02), title=title)
+    ax.plot(lengths, [final[f"eval_len{n}_{metric}"] for n in lengths], "o-", color="tab:orange")
+    limits = {"ylim": (-0.02, 1.02)} if metric == "accuracy" else {}
+    ax.set(xlabel="sequence length", ylabel=f"held-out {metric}", title=title, **limits)
     ax.grid(alpha=0.3)
     fig.savefig(path)
 
@@ -260,8 +333,23 @@ def write_json(path: str, value) -> None:
         json.dump(value, f, indent=2)
 
 
+class Run(typing.NamedTuple):
+    """What ``train_model`` leaves: the summary ``run`` returns, and the trained model, its task and loss."""
+
+    summary: dict[str, Any]
+    model: Any
+    task: Any
+    loss_fn: Callable
+
+
 def run(cfg) -> dict[str, Any]:
-    """Train as ``cfg`` says; return ``{"start_step", "steps", "final", "seconds"}`` (also in final.json)."""
+    """Train as ``cfg`` says; return ``{"start_step", "steps", "params", "final", "seconds"}`` (also in
+    final.json)."""
+    return train_model(cfg).summary
+
+
+def train_model(cfg) -> Run:
+    """``run``, keeping the trained model, its task and its loss_fn (for evaluations after training)."""
     from flax import nnx
 
     from zoo.nn import count_params
@@ -275,12 +363,14 @@ def run(cfg) -> dict[str, Any]:
                       else cfg.checkpoint_dir or None)
     os.makedirs(output_dir, exist_ok=True)
     task = build_task(cfg)
+    loss_fn = loss_fn_for(cfg.task)
     model = build_model(cfg, task)
+    n_params = count_params(model)
     optimizer = nnx.Optimizer(model, make_optimizer(cfg), wrt=nnx.Param)
     config_path = os.path.join(output_dir, "config.json")
     if not os.path.exists(config_path):     # else after training: a rejected resume must not overwrite it
         write_json(config_path, as_json(cfg))
-    print(f"experiments.train: {cfg.model} ({count_params(model):,} params, {cfg.n_layers} layer(s), "
+    print(f"experiments.train: {cfg.model} ({n_params:,} params, {cfg.n_layers} layer(s), "
           f"d_model {cfg.d_model}) on {cfg.task}, {cfg.steps} steps of {cfg.batch_size}; "
           f"output {output_dir}, checkpoints {checkpoint_dir}", flush=True)
 
@@ -289,13 +379,14 @@ def run(cfg) -> dict[str, Any]:
     plot_path = os.path.join(output_dir, "curves.png")
     title = f"{cfg.model} on {cfg.task}"
     result = train(model, optimizer, task, steps=cfg.steps, eval_every=cfg.eval_every,
-                   eval_batches=cfg.eval_batches, eval_lengths=lengths, checkpoint_dir=checkpoint_dir,
+                   eval_batches=cfg.eval_batches, eval_lengths=lengths, loss_fn=loss_fn,
+                   checkpoint_dir=checkpoint_dir,
                    checkpoint_every=cfg.checkpoint_every, metrics_path=metrics_path, plot_path=plot_path,
                    log_every=cfg.log_every, progress=cfg.progress, description=title,
                    run=run_description(cfg))
     if lengths:
         plot_lengths(result.final, lengths, os.path.join(output_dir, "lengths.png"), title)
-    summary = {"start_step": result.start_step, "steps": cfg.steps, "final": result.final,
+    summary = {"start_step": result.start_step, "steps": cfg.steps, "params": n_params, "final": result.final,
                "seconds": time.perf_counter() - began}
     write_json(config_path, as_json(cfg))
     write_json(os.path.join(output_dir, "final.json"), summary)
@@ -304,7 +395,7 @@ def run(cfg) -> dict[str, Any]:
     print(f"trained steps {result.start_step}..{cfg.steps} ({resumed}) in {result.seconds:.1f} s")
     print("final metrics: " + ", ".join(f"{key} {value:.4f}" for key, value in result.final.items()))
     print(f"metrics: {metrics_path}\ncurves:  {plot_path}")
-    return summary
+    return Run(summary, model, task, loss_fn)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1,0 +1,61 @@
+"""Every study of ``experiments/studies`` runs in its ``--quick`` setting (a few steps of tiny models, a
+subset of each study's models) and writes a table with the header facts (command, hardware, wall time,
+seeds) and one row per model it trained."""
+
+import importlib
+import re
+
+import pytest
+
+STUDIES = ("bach_chorales", "selective_copy", "chomsky", "mqar", "char_lm")
+HEADER = ("**Command:** `.venv/bin/python -m experiments.studies.", "**Hardware:**", "CPU cores usable",
+          "**Wall time:**", "**Seeds:** 0")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+def sections(text: str) -> dict[str, list[list[str]]]:
+    """The rows (cells) of each ``## heading``'s markdown table, header row first."""
+    tables: dict[str, list[list[str]]] = {}
+    heading = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            heading = line[3:].strip()
+        elif line.startswith("|") and not re.fullmatch(r"\|(---\|)+", line) and heading is not None:
+            tables.setdefault(heading, []).append([cell.strip() for cell in line.strip("|").split(" | ")])
+    return tables
+
+
+def expected_rows(name: str, module) -> tuple[str, list[str]]:
+    """(section, first cells) that the quick table must have: one row per model that --quick trains."""
+    if name in ("bach_chorales", "selective_copy"):
+        return "Results", [label for label, *_ in module.MODELS if label in module.QUICK_MODELS]
+    if name == "chomsky":
+        return "Every run", list(module.QUICK_MODELS)
+    if name == "mqar":
+        return "Accuracy against state size", [family for family, names in module.QUICK_FAMILIES.items()
+                                               for _ in names]
+    return "Results", [model for model, _ in module.MODELS if model in module.QUICK_MODELS]
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_each_study_quick_writes_its_table(name, tmp_path, data_dir, monkeypatch, quick_compile):
+    monkeypatch.setenv("ZOO_DATA_DIR", str(data_dir))
+    module = importlib.import_module(f"experiments.studies.{name}")
+    path = module.main(["--quick", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")])
+    text = open(path).read()
+    assert path.endswith(f"{name}.md")
+    for fact in HEADER:
+        assert fact in text, (fact, text[:800])
+    assert "--quick" in text
+    section, firsts = expected_rows(name, module)
+    rows = sections(text)[section][1:]
+    assert [row[0] for row in rows] == firsts
+    if name == "mqar":      # the second cell is the model: each once (sorted by state size in its family)
+        models = [m for names in module.QUICK_FAMILIES.values() for m in names]
+        assert sorted(row[1] for row in rows) == sorted(models)
+    # Every number of the table comes from a run: no cell of a metric column is empty.
+    assert all(cell not in ("", "n/a") for row in rows for cell in row)
