@@ -26,6 +26,9 @@ from zoo.data.chomsky import (
     sample_length,
 )
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 # The paper's input_size (our vocab less the blank) and output_size for each task.
 PAPER_SIZES = {
     "even_pairs": (2, 2),

@@ -14,7 +14,7 @@ import pytest
 from zoo.convert import from_torch, state_from_torch, state_to_torch
 
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.refs
+pytestmark = [pytest.mark.refs, pytest.mark.usefixtures("quick_compile")]
 
 B, T, D_IN, H = 3, 7, 5, 6
 

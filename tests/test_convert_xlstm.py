@@ -19,7 +19,7 @@ from zoo.convert import from_xlstm, state_from_xlstm, state_to_xlstm
 
 torch = pytest.importorskip("torch")
 xlstm = pytest.importorskip("xlstm")
-pytestmark = pytest.mark.refs
+pytestmark = [pytest.mark.refs, pytest.mark.usefixtures("quick_compile")]
 
 B, T, T_SPLIT, D = 2, 9, 5, 16
 

@@ -15,6 +15,9 @@ import pytest
 import zoo
 from zoo.ops import _dispatch
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 B, T, D_IN = 2, 7, 5
 CONFIGS = {
     "lstm-vanilla": ("lstm", dict(d_model=8)),

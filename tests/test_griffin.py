@@ -23,6 +23,9 @@ from test_rglru import naive_recurrent_block
 import zoo
 from zoo.models import griffin
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 B, T, VOCAB = 2, 12, 37
 CONFIG = griffin.GriffinConfig(d_model=16, d_rnn=12, d_mlp=40, n_heads=2, window=3, vocab_size=VOCAB,
                                block_types=("recurrent", "attention", "recurrent"), logits_soft_cap=8.0)

@@ -18,6 +18,9 @@ import pytest
 import zoo
 from zoo.models.hydra import HydraConfig
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 BATCH, T, D_IN = 2, 11, 6
 CONFIG = {"d_model": 8, "d_state": 4, "d_conv": 5, "d_head": 4, "n_groups": 2, "chunk_size": 4}
 

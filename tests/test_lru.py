@@ -17,6 +17,9 @@ import pytest
 import zoo
 from zoo.models.lru import eigenvalues
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 B, T, D_IN, D, N = 3, 12, 4, 5, 7
 
 

@@ -17,6 +17,9 @@ import pytest
 import zoo
 from zoo.models import lstm as lstm_module
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 B, T, D_IN, D = 3, 6, 5, 4
 TOL = dict(rtol=1e-5, atol=1e-5)
 VARIANTS = lstm_module.VARIANTS

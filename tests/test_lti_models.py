@@ -20,6 +20,9 @@ import pytest
 import zoo
 from zoo.ops import hippo
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 B, T, D_IN = 2, 12, 5
 RTOL = 2e-5
 

@@ -15,6 +15,9 @@ import pytest
 import zoo
 from zoo.models.mamba import MambaConfig, inverse_softplus
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 BATCH, T, D_IN = 2, 13, 5
 
 

@@ -15,6 +15,9 @@ import pytest
 import zoo
 from zoo.models.mingru import log_positive_candidate, positive_candidate
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 MODELS = ("mingru", "minlstm")
 ALL_MODES = ("sequential", "associative", "chunked", "log_sequential", "log_associative")
 B, T, D_IN, D = 3, 11, 5, 6

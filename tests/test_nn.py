@@ -9,6 +9,9 @@ from flax import nnx
 
 import zoo
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 
 def _random(key, shape):
     return jax.random.normal(jax.random.key(key), shape, jnp.float32)

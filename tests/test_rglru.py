@@ -21,6 +21,9 @@ import zoo
 from zoo.models import rglru
 from zoo.ops import diagonal
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 B, T, D, HEADS, D_IN, K_CONV = 2, 10, 8, 2, 5, 4
 
 

@@ -10,6 +10,9 @@ import pytest
 
 from zoo.ops import conv1d
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 B, T, C = 3, 11, 5
 
 

@@ -12,6 +12,9 @@ import pytest
 
 from zoo.ops import _dispatch, delta, delta_ops
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 B, T, H, K, V = 2, 37, 2, 8, 12
 
 

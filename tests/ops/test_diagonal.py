@@ -15,6 +15,9 @@ import pytest
 
 from zoo.ops import diagonal
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 B, T, F = 2, 11, 3
 CHUNK = 4  # T = 11 is not a multiple: the chunked mode pads with identity steps
 

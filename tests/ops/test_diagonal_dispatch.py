@@ -12,6 +12,9 @@ import pytest
 
 from zoo.ops import _dispatch, diagonal
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 B, T, H, N = 2, 29, 3, 4
 
 

@@ -19,6 +19,9 @@ from numpy.polynomial import legendre
 
 from zoo.ops import hippo
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 # --------------------------------------------------------------------------------------------
 # Closed forms, element by element.
 

@@ -17,6 +17,9 @@ import pytest
 
 from zoo.ops import nonlinear
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 B, T, D_IN, H = 3, 7, 4, 5
 TOL = dict(rtol=1e-5, atol=1e-5)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-5)

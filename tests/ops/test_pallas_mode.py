@@ -11,6 +11,9 @@ import pytest
 
 from zoo.ops import delta, diagonal, matrix, selective, ssd_scan
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 KEYS = jax.random.split(jax.random.key(0), 6)
 B, T = 2, 19
 

@@ -13,6 +13,9 @@ import pytest
 
 from zoo.ops import _dispatch, selective
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 B, D, L, N = 2, 6, 21, 4
 
 

@@ -15,6 +15,9 @@ import pytest
 
 from zoo.ops.ssd_scan import MODES, reference, segsum, ssd, step
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 BATCH, T, H, P, G, N = 2, 11, 4, 3, 2, 5
 CHUNK = 4  # T = 11 is not a multiple: the chunked mode pads with identity steps
 

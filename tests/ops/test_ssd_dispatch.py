@@ -14,6 +14,9 @@ import pytest
 
 from zoo.ops import _dispatch, ssd_scan
 
+# Small shapes: compiling dominates, and XLA's optimisation passes do not change the values tested.
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 BATCH, T, H, P, G, N = 2, 37, 4, 6, 2, 5
 
 
