@@ -106,7 +106,7 @@ def test_every_layer_has_its_own_params_and_state_even_where_a_mixer_repeats():
     for layer_state, kind in zip(state, ("rnn", "lin", "rnn", "lin"), strict=True):
         want = mixers[kind].initial_state(params[0 if kind == "rnn" else 1]["mixer"], B)
         assert jax.tree.structure(layer_state) == jax.tree.structure(want)
-    assert rec.modes == ("sequential", "associative", "chunked")          # the union, lstm's first
+    assert rec.modes == ("sequential", "newton", "associative", "chunked")   # the union, lstm's first
     assert rec.name == "hybrid(rnn,lin)x2" and rec.causal
 
 
