@@ -299,6 +299,23 @@ def begin(name: str, argv, doc: str | None, *, quick: Mapping[str, Any], full: M
     return args, hardware(), list(args.seeds or default_seeds), shared
 
 
+def train_models(name: str, models, task: str, shared: Mapping[str, Any], seeds: Sequence[int], runs_dir: str,
+                 *, metric: str, metric_label: str, full_eval, run_label=lambda label: label):
+    """Train every ``(label, model, config, _)`` row of ``models`` at every seed on ``task`` and print
+    ``metric`` of each run. Returns ``({label: [RunResult per seed]}, wall seconds)``."""
+    began = time.perf_counter()
+    results: dict[str, list[RunResult]] = {}
+    for label, model, config, _ in models:
+        overrides = {**shared, **{f"model_config.{k}": v for k, v in config.items()}}
+        for seed in seeds:
+            done = train_one(model, task, overrides, seed=seed, label=run_label(label), runs_dir=runs_dir,
+                             full_eval=full_eval)
+            results.setdefault(label, []).append(done)
+            print(f"{name}: {label} seed {seed}: {metric_label} {done.metric(metric):.4f} "
+                  f"({done.seconds:.0f} s)", flush=True)
+    return results, time.perf_counter() - began
+
+
 def publish(name: str, argv, out: str, *, title: str, seeds, wall: float, hardware_line: str,
             **fields) -> str:
     """Write the study's table to ``out/<name>.md`` (``write_table``'s header facts) and say where."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 
 from experiments.studies import _runner as R
 
@@ -103,19 +102,10 @@ def findings(by_label: dict[str, float]) -> list[str]:
 def main(argv=None) -> str:
     args, hardware, seeds, shared = R.begin(NAME, argv, __doc__, quick=QUICK, full=FULL,
                                             default_seeds=SEEDS)
-    began = time.perf_counter()
-    results: dict[str, list[R.RunResult]] = {}
     models = [row for row in MODELS if not args.quick or row[0] in QUICK_MODELS]
-    for label, model, config, _ in models:
-        overrides = {**shared, **{f"model_config.{k}": v for k, v in config.items()}}
-        for seed in seeds:
-            results.setdefault(label, []).append(R.train_one(
-                model, TASK, overrides, seed=seed, label=label.split(" (")[0].replace(" ", "-"),
-                runs_dir=args.runs, full_eval={"eval_split": "test"}))
-            done = results[label][-1]
-            print(f"{NAME}: {label} seed {seed}: test NLL/frame {done.metric('nll_per_frame'):.4f} "
-                  f"({done.seconds:.0f} s)", flush=True)
-    wall = time.perf_counter() - began
+    results, wall = R.train_models(NAME, models, TASK, shared, seeds, args.runs, metric="nll_per_frame",
+                                   metric_label="test NLL/frame", full_eval={"eval_split": "test"},
+                                   run_label=lambda label: label.split(" (")[0].replace(" ", "-"))
 
     test = {label: statistics.mean(r.metric("nll_per_frame") for r in runs)
             for label, runs in results.items()}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 
 from experiments.studies import _runner as R
 
@@ -64,18 +63,9 @@ def main(argv=None) -> str:
     args, hardware, seeds, shared = R.begin(NAME, argv, __doc__, quick=QUICK, full=FULL,
                                             task_quick=TASK_QUICK, task_full=TASK_FULL, default_seeds=SEEDS)
     task_fields = TASK_QUICK if args.quick else TASK_FULL
-    began = time.perf_counter()
-    results: dict[str, list[R.RunResult]] = {}
     models = [row for row in MODELS if not args.quick or row[0] in QUICK_MODELS]
-    for label, model, config, _ in models:
-        overrides = {**shared, **{f"model_config.{k}": v for k, v in config.items()}}
-        for seed in seeds:
-            done = R.train_one(model, TASK, overrides, seed=seed, label=label, runs_dir=args.runs,
-                               full_eval=True)
-            results.setdefault(label, []).append(done)
-            print(f"{NAME}: {label} seed {seed}: held-out accuracy {done.metric('accuracy'):.4f} "
-                  f"({done.seconds:.0f} s)", flush=True)
-    wall = time.perf_counter() - began
+    results, wall = R.train_models(NAME, models, TASK, shared, seeds, args.runs, metric="accuracy",
+                                   metric_label="held-out accuracy", full_eval=True)
 
     chance = 1 / task_fields["n_symbols"]
     rows = []
