@@ -3,6 +3,8 @@ subset of each study's models) and writes a table with the header facts (command
 seeds) and one row per model it trained."""
 
 import importlib
+import json
+import os
 import re
 
 import pytest
@@ -59,3 +61,25 @@ def test_each_study_quick_writes_its_table(name, tmp_path, data_dir, monkeypatch
         assert sorted(row[1] for row in rows) == sorted(models)
     # Every number of the table comes from a run: no cell of a metric column is empty.
     assert all(cell not in ("", "n/a") for row in rows for cell in row)
+
+
+def test_a_study_run_again_loads_its_finished_runs(tmp_path, data_dir, monkeypatch, quick_compile, capsys):
+    """The same study command run a second time trains nothing: every run is loaded from its
+    ``study_result.json`` with the same numbers, and the header says so; another command trains afresh."""
+    from experiments.studies import _runner as R
+    from experiments.studies import chomsky
+
+    monkeypatch.setenv("ZOO_DATA_DIR", str(data_dir))
+    argv = ["--quick", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    first = sections(open(chomsky.main(argv)).read())["Every run"]
+    capsys.readouterr()
+    text = open(chomsky.main(argv)).read()
+    printed = capsys.readouterr().out
+    assert sections(text)["Every run"] == first
+    assert printed.count("the finished run in") == len(chomsky.QUICK_MODELS)
+    assert f"loaded {len(chomsky.QUICK_MODELS)} of the {len(chomsky.QUICK_MODELS)} runs" in text
+    run_dir = str(tmp_path / "runs" / f"{chomsky.QUICK_MODELS[0]}-{chomsky.PARITY}-seed0")
+    command = json.load(open(os.path.join(run_dir, R.FINISHED)))["command"]
+    assert R.finished_run(run_dir, command, True).cached
+    assert R.finished_run(run_dir, command + " --config.steps=3", True) is None   # another run
+    assert R.finished_run(run_dir, command, False) is None     # another held-out evaluation

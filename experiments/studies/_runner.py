@@ -7,6 +7,10 @@ A study is a script ``experiments/studies/<name>.py`` run as ``python -m experim
 of the table (default ``experiments/results``), ``--runs`` the folder of the runs' logs (default
 ``runs/studies/<name>``), ``--seeds`` the seeds, ``--steps`` the steps of every run.
 
+A finished run leaves ``study_result.json`` in its log folder, keyed by its whole command line: the same
+study command run again (after a kill, or to rewrite the table) loads the runs it finished and trains only
+the others. Delete the runs folder to train everything afresh.
+
 Every run goes through ``experiments.train.train_model`` with the config of ``default_config(model,
 task)`` and the study's overrides, so a row of a table is reproduced by the command
 ``python -m experiments.train --model M --task T --config.<field>=<value> ...`` that ``cli_command``
@@ -50,6 +54,7 @@ class RunResult:
     full: dict[str, float] | None    # the whole held-out split, exactly once (``full_split_metrics``)
     seconds: float                   # wall time of the run: building the task, training, evaluating
     command: str
+    cached: bool = False             # loaded from an earlier invocation's finished run (``finished_run``)
 
     def metric(self, key: str) -> float:
         """``key`` of the whole-split evaluation if there is one, else of the loop's last evaluation."""
@@ -133,6 +138,10 @@ def train_one(model: str, task: str, overrides: Mapping[str, Any], *, seed: int 
     label = label or model
     output_dir = os.path.join(runs_dir, f"{label}-seed{seed}")
     cfg = config_for(model, task, overrides, seed, output_dir)
+    command = cli_command(model, task, overrides, seed)
+    finished = finished_run(output_dir, command, full_eval)
+    if finished is not None:
+        return finished
     began = time.perf_counter()
     done = cli.train_model(cfg)
     full = None
@@ -145,9 +154,49 @@ def train_one(model: str, task: str, overrides: Mapping[str, Any], *, seed: int 
             held_out = cli.build_task(other)
         full = full_split_metrics(done.model, held_out, done.loss_fn)
     seconds = time.perf_counter() - began
-    return RunResult(label=label, model=model, task=task, seed=seed, overrides=dict(overrides),
-                     params=done.summary["params"], steps=cfg.steps, final=done.summary["final"], full=full,
-                     seconds=seconds, command=cli_command(model, task, overrides, seed))
+    result = RunResult(label=label, model=model, task=task, seed=seed, overrides=dict(overrides),
+                       params=done.summary["params"], steps=cfg.steps, final=done.summary["final"], full=full,
+                       seconds=seconds, command=command)
+    save_finished(output_dir, result, full_eval)
+    return result
+
+
+# A finished run's result, so that a study stopped part-way (or re-run to rewrite its table) trains only the
+# runs it has not finished. It is keyed by the run's whole command line and held-out evaluation: a run with
+# any other field, seed or step count trains again.
+FINISHED = "study_result.json"
+
+
+def save_finished(output_dir: str, result: RunResult, full_eval) -> None:
+    import json
+
+    record = {"full_eval": _eval_key(full_eval), **dataclasses.asdict(result), "cached": False}
+    tmp = os.path.join(output_dir, FINISHED + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    os.replace(tmp, os.path.join(output_dir, FINISHED))    # atomic: a kill leaves the old file or none
+
+
+def finished_run(output_dir: str, command: str, full_eval) -> RunResult | None:
+    """The saved result of this exact run (same command and held-out evaluation), else ``None``."""
+    import json
+
+    path = os.path.join(output_dir, FINISHED)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    if record.pop("full_eval") != _eval_key(full_eval) or record["command"] != command:
+        return None
+    record["overrides"] = dict(record["overrides"])
+    record["cached"] = True
+    print(f"studies: {record['label']} seed {record['seed']}: the finished run in {output_dir} "
+          f"({record['seconds']:.0f} s when it ran)", flush=True)
+    return RunResult(**record)
+
+
+def _eval_key(full_eval) -> Any:
+    return dict(full_eval) if isinstance(full_eval, Mapping) else bool(full_eval)
 
 
 def params_at(model: str, task: str, overrides: Mapping[str, Any], d_model: int) -> int:
@@ -221,6 +270,19 @@ def seconds_cell(runs: Sequence[RunResult]) -> str:
     return f"{statistics.mean(values):.0f} ± {statistics.stdev(values):.0f}"
 
 
+def wall_text(wall_seconds: float, runs: Sequence[RunResult]) -> str:
+    """The study's wall time; where some runs were finished by an earlier invocation of the command (and
+    loaded here), also the sum of every run's own wall time."""
+    text = f"{wall_seconds:.0f} s for the whole study ({wall_seconds / 60:.1f} min)"
+    cached = [r for r in runs if r.cached]
+    if not cached:
+        return text
+    total = sum(r.seconds for r in runs)
+    return (f"{wall_seconds:.0f} s for this invocation, which loaded {len(cached)} of the {len(runs)} runs "
+            f"as finished by an earlier invocation of the same command; the runs' own wall times sum to "
+            f"{total:.0f} s ({total / 60:.1f} min)")
+
+
 def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
@@ -239,8 +301,7 @@ def write_table(path: str, *, title: str, command: str, seeds: Sequence[int], wa
         "",
         f"- **Command:** `{command}`",
         f"- **Hardware:** {hardware_line}",
-        f"- **Wall time:** {wall_seconds:.0f} s for the whole study ({wall_seconds / 60:.1f} min); "
-        "per run in the tables",
+        f"- **Wall time:** {wall_text(wall_seconds, runs)}; per run in the tables",
         f"- **Seeds:** {', '.join(str(s) for s in seeds)} (each seeds the initial parameters and the data)",
         f"- **Written:** {stamp} by `experiments/studies/_runner.py`; every number below comes from the runs "
         "of this command",

@@ -3,7 +3,7 @@ al., ICLR 2023) for the recurrent families, trained on input lengths 1–40 and 
 paper; and the parity check of "Advancing Regular Language Reasoning in Linear Recurrent Neural
 Networks": diagonal linear recurrences whose decays lie in (0, 1) fail it.
 
-    .venv/bin/python -m experiments.studies.chomsky            # the full setting (hours on 2 cores)
+    .venv/bin/python -m experiments.studies.chomsky            # the full setting (about 1.5 h on 2 cores)
     .venv/bin/python -m experiments.studies.chomsky --quick    # a smoke run of a few steps
 
 Every (model, task) is one ``experiments.train`` run on ``zoo.data.TASKS[task]`` (the tfds builder:
@@ -42,8 +42,8 @@ PAPER_LEVEL = {
 
 TASK_FULL = {"train_size": 16384, "eval_size": 512}
 FULL = {
-    "d_model": 64, "n_layers": 1, "mlp_ratio": 2.0, "batch_size": 32, "steps": 3000,
-    "learning_rate": 1e-3, "eval_every": 500, "eval_batches": 2, "log_every": 50,
+    "d_model": 64, "n_layers": 1, "mlp_ratio": 2.0, "batch_size": 32, "steps": 2000,
+    "learning_rate": 3e-3, "eval_every": 500, "eval_batches": 2, "log_every": 50,
 }
 TASK_QUICK = {"train_size": 8, "eval_size": 4, "max_train_length": 4, "min_eval_length": 5,
               "max_eval_length": 6}
