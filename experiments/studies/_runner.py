@@ -55,6 +55,17 @@ class RunResult:
     seconds: float                   # wall time of the run: building the task, training, evaluating
     command: str
     cached: bool = False             # loaded from an earlier invocation's finished run (``finished_run``)
+    output_dir: str = ""             # the run's logs (metrics.jsonl, curves.png, final.json)
+
+    def train_tail(self, key: str, last: int = 100) -> float:
+        """Mean training ``key`` (one batch per step, at training lengths) over the run's last ``last``
+        steps, from its ``metrics.jsonl``: what the model reached in distribution, beside the held-out
+        number."""
+        from zoo.train import metrics
+
+        values = [r[key] for r in metrics.read_records(os.path.join(self.output_dir, "metrics.jsonl"))
+                  if key in r and "loss" in r]
+        return statistics.mean(values[-last:]) if values else float("nan")
 
     def metric(self, key: str) -> float:
         """``key`` of the whole-split evaluation if there is one, else of the loop's last evaluation."""
@@ -156,7 +167,7 @@ def train_one(model: str, task: str, overrides: Mapping[str, Any], *, seed: int 
     seconds = time.perf_counter() - began
     result = RunResult(label=label, model=model, task=task, seed=seed, overrides=dict(overrides),
                        params=done.summary["params"], steps=cfg.steps, final=done.summary["final"], full=full,
-                       seconds=seconds, command=command)
+                       seconds=seconds, command=command, output_dir=output_dir)
     save_finished(output_dir, result, full_eval)
     return result
 
@@ -190,6 +201,7 @@ def finished_run(output_dir: str, command: str, full_eval) -> RunResult | None:
         return None
     record["overrides"] = dict(record["overrides"])
     record["cached"] = True
+    record["output_dir"] = output_dir      # where it is now (the folder may have moved)
     print(f"studies: {record['label']} seed {record['seed']}: the finished run in {output_dir} "
           f"({record['seconds']:.0f} s when it ran)", flush=True)
     return RunResult(**record)

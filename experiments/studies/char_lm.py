@@ -1,7 +1,7 @@
 """Study 4: character-level language modelling on Shakespeare (``char_lm``), bits per character of a small
 LSTM, LRU, Mamba and GLA at an equal parameter count, each run under 15 minutes on 2 CPU cores.
 
-    .venv/bin/python -m experiments.studies.char_lm            # the full setting (up to an hour)
+    .venv/bin/python -m experiments.studies.char_lm            # the full setting (about 40 min)
     .venv/bin/python -m experiments.studies.char_lm --quick    # a smoke run of a few steps
 
 Each model's width is the one whose ``SequenceModel`` has the parameter count nearest ``TARGET_PARAMS``
@@ -28,7 +28,7 @@ WIDTHS = tuple(range(32, 513, 16))
 QUICK_TARGET, QUICK_WIDTHS = 3_000, (8, 16)
 
 TASK_FULL = {"window_length": 256}
-FULL = {"n_layers": 2, "mlp_ratio": 2.0, "batch_size": 32, "steps": 2000, "learning_rate": 3e-3,
+FULL = {"n_layers": 2, "mlp_ratio": 2.0, "batch_size": 32, "steps": 1000, "learning_rate": 3e-3,
         "eval_every": 500, "eval_batches": 8, "log_every": 50}
 TASK_QUICK = {"window_length": 16, "train_size": 8, "eval_size": 4}
 QUICK = {"n_layers": 1, "mlp_ratio": 1.0, "batch_size": 2, "steps": 2, "eval_every": 2, "eval_batches": 1,

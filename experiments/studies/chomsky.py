@@ -77,25 +77,33 @@ def main(argv=None) -> str:
     def cell(model: str, task: str) -> str:
         return R.mean_std([r.metric("accuracy") for r in results[(model, task)]])
 
-    grid_columns = ["task", "level", *models, "paper's claim"]
-    grid = [[task, SPECS[task].level, *(cell(m, task) for m in models), PAPER_LEVEL[SPECS[task].level]]
-            for task in tasks]
-    run_columns = ["model", "task", "params", "steps", "loop's last eval accuracy (first batches)",
-                   "test accuracy 41–500", "wall s"]
-    run_rows = [[m, t, f"{runs[0].params:,}", runs[0].steps,
+    def train_cell(model: str, task: str) -> str:
+        return R.mean_std([r.train_tail("accuracy") for r in results[(model, task)]])
+
+    def grid_cell(model: str, task: str) -> str:
+        return f"{cell(model, task)} ({train_cell(model, task)})"
+
+    grid_columns = ["task", "level", "chance", *models, "paper's claim"]
+    grid = [[task, SPECS[task].level, f"{1 / SPECS[task].n_classes:.3g}",
+             *(grid_cell(m, task) for m in models), PAPER_LEVEL[SPECS[task].level]] for task in tasks]
+    run_columns = ["model", "task", "params", "steps", "train accuracy (last 100 steps, lengths 1–40)",
+                   "loop's last eval accuracy (first batches)", "test accuracy 41–500", "wall s"]
+    run_rows = [[m, t, f"{runs[0].params:,}", runs[0].steps, train_cell(m, t),
                  R.mean_std([r.final.get("eval_accuracy", float("nan")) for r in runs]),
                  R.mean_std([r.metric("accuracy") for r in runs]), R.seconds_cell(runs)]
                 for (m, t), runs in results.items()]
-    sections = [("Test accuracy (lengths 41–500) per task and model", grid_columns, grid)]
+    sections = [("Test accuracy (lengths 41–500) per task and model; in brackets the training accuracy "
+                 "(last 100 steps, lengths 1–40)", grid_columns, grid)]
     if PARITY in tasks:
         parity_rows = [[m, "diagonal linear, decays in (0, 1)" if m in DIAGONAL else
                         "nonlinear" if m in NONLINEAR else "matrix / delta state",
-                        cell(m, PARITY),
+                        cell(m, PARITY), train_cell(m, PARITY),
                         "fails (Advancing Regular Language Reasoning in LRNNs)" if m in DIAGONAL else
                         "solves (Delétang et al.)" if m in NONLINEAR else "—"]
                        for m in models]
         sections.append(("Parity: diagonal linear recurrences with decays in (0, 1)",
-                         ["model", "recurrence", "parity_check test accuracy", "paper's claim"], parity_rows))
+                         ["model", "recurrence", "parity_check test accuracy",
+                          "train accuracy (lengths 1–40)", "paper's claim"], parity_rows))
     sections.append(("Every run", run_columns, run_rows))
     lengths = (TASK_QUICK if args.quick else {"max_train_length": 40, "min_eval_length": 41,
                                              "max_eval_length": 500})

@@ -47,7 +47,7 @@ def width_config(model: str, d_model: int) -> dict:
 
 TASK_FULL = {"n_keys": 64, "n_values": 64, "n_pairs": 16, "query_length": 32, "train_size": 16384,
              "eval_size": 512}
-FULL = {"n_layers": 2, "mlp_ratio": 2.0, "batch_size": 32, "steps": 2000, "learning_rate": 3e-3,
+FULL = {"n_layers": 2, "mlp_ratio": 2.0, "batch_size": 32, "steps": 1500, "learning_rate": 3e-3,
         "eval_every": 500, "eval_batches": 4, "log_every": 50}
 TASK_QUICK = {"n_keys": 4, "n_values": 4, "n_pairs": 2, "query_length": 4, "train_size": 8, "eval_size": 4}
 QUICK = {"n_layers": 1, "mlp_ratio": 1.0, "batch_size": 2, "steps": 2, "eval_every": 2, "eval_batches": 1,
