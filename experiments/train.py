@@ -329,8 +329,11 @@ def plot_lengths(final: dict[str, float], lengths, path: str, title: str) -> Non
 
 
 def write_json(path: str, value) -> None:
-    with open(path, "w") as f:
+    """``value`` as JSON at ``path``, atomically: a kill mid-write leaves the old file or none."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(value, f, indent=2)
+    os.replace(tmp, path)
 
 
 class Run(typing.NamedTuple):

@@ -179,13 +179,8 @@ FINISHED = "study_result.json"
 
 
 def save_finished(output_dir: str, result: RunResult, full_eval) -> None:
-    import json
-
     record = {"full_eval": _eval_key(full_eval), **dataclasses.asdict(result), "cached": False}
-    tmp = os.path.join(output_dir, FINISHED + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1, default=str)
-    os.replace(tmp, os.path.join(output_dir, FINISHED))    # atomic: a kill leaves the old file or none
+    cli.write_json(os.path.join(output_dir, FINISHED), record)     # atomic
 
 
 def finished_run(output_dir: str, command: str, full_eval) -> RunResult | None:
