@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-STUDIES = ("bach_chorales", "selective_copy", "chomsky", "mqar", "char_lm")
+STUDIES = ("bach_chorales", "selective_copy", "chomsky", "chomsky_regular", "mqar", "char_lm")
 HEADER = ("**Command:** `.venv/bin/python -m experiments.studies.", "**Hardware:**", "CPU cores usable",
           "**Wall time:**", "**Seeds:** 0")
 
@@ -37,6 +37,9 @@ def expected_rows(name: str, module) -> tuple[str, list[str]]:
         return "Results", [label for label, *_ in module.MODELS if label in module.QUICK_MODELS]
     if name == "chomsky":
         return "Every run", list(module.QUICK_MODELS)
+    if name == "chomsky_regular":           # one run per model, task, rate and the one quick seed
+        return "Every run", [m for _ in module.QUICK_TASKS for m in module.QUICK_MODELS
+                             for _ in module.QUICK_LEARNING_RATES]
     if name == "mqar":
         return "Accuracy against state size", [family for family, names in module.QUICK_FAMILIES.items()
                                                for _ in names]
@@ -59,6 +62,11 @@ def test_each_study_quick_writes_its_table(name, tmp_path, data_dir, monkeypatch
     if name == "mqar":      # the second cell is the model: each once (sorted by state size in its family)
         models = [m for names in module.QUICK_FAMILIES.values() for m in names]
         assert sorted(row[1] for row in rows) == sorted(models)
+    if name == "chomsky_regular":   # the best cell is the best run (first of ties), with its rate, seed
+        summary = sections(text)["Best and mean test accuracy (lengths 41–500) over seeds and learning rates"]
+        best_run = max(rows, key=lambda row: float(row[4]))
+        assert summary[1][3].startswith(f"{float(best_run[4]):.4g} (lr {best_run[2]}, seed {best_run[3]};"), \
+            (summary, rows)
     # Every number of the table comes from a run: no cell of a metric column is empty.
     assert all(cell not in ("", "n/a") for row in rows for cell in row)
 
