@@ -21,6 +21,12 @@ hits them alike. Before timing, the zoo layer is loaded with torch's weights and
 input gradients are checked against torch's. Ratios are speed-ups: time of the other / time of zoo
 (above 1 means zoo is faster). The table goes to stdout, the numbers to
 experiments/bench/results/lstm.json.
+
+Matmul roofline: the layer's arithmetic is its products, 2·B·T·(D+H)·4H FLOPs forward and twice
+that again backward (the recurrent product, dW_in, dW_rec and dx), so each contender's fwd+bwd time
+is also printed as GFLOP/s, beside one [B·T, D] x [D, 4H] product timed in the same run by XLA
+(``jnp.dot`` under jit) and by torch. Where torch's matmul is faster than XLA's, that ratio bounds
+what any XLA program of the same products can reach against torch.
 """
 
 from __future__ import annotations
@@ -114,6 +120,32 @@ def torch_case(layer, xs, weights, torch):
     return forward, forward_backward
 
 
+def matmul_gflops(rows: int, inner: int, cols: int, repeats: int, torch) -> dict[str, float | None]:
+    """GFLOP/s of one [rows, inner] x [inner, cols] float32 product: XLA under jit, and torch."""
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(rows, inner)).astype(np.float32)
+    b = rng.normal(size=(inner, cols)).astype(np.float32)
+    flop = 2 * rows * inner * cols
+    dot = jax.jit(jnp.dot)
+    a_x, b_x = jnp.asarray(a), jnp.asarray(b)
+    calls = {"xla": lambda: dot(a_x, b_x)}
+    if torch is not None:
+        a_t, b_t = torch.from_numpy(a), torch.from_numpy(b)
+        calls["torch"] = lambda: a_t @ b_t
+    times = {name: [] for name in calls}
+    for fn in calls.values():
+        for _ in range(2):
+            jax.block_until_ready(fn())
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    result = {name: flop / statistics.median(t) / 1e9 for name, t in times.items()}
+    result.setdefault("torch", None)
+    return result
+
+
 def check_zoo_against_torch(layer, params, xs, weights, torch) -> float:
     """Max abs difference of outputs and input gradients, zoo vs torch, same weights."""
     fwd, grad, _ = zoo_case(params, xs, weights)
@@ -180,12 +212,17 @@ def main(argv=None):
                 runs[(name, kind)].append(1e3 * (time.perf_counter() - start))
 
     median = {k: statistics.median(v) for k, v in runs.items()}
+    matmul = matmul_gflops(B * T, D, 4 * D, args.repeats, torch)
+    layer_gflop = 3 * 2 * B * T * (D + D) * 4 * D / 1e9     # fwd, plus the backward's 2x
     results = {}
     for name in cases:
         entry = {"fwd_ms": median[(name, "fwd")], "fwd_bwd_ms": median[(name, "fwd+bwd")],
                  "fwd_runs_ms": runs[(name, "fwd")], "fwd_bwd_runs_ms": runs[(name, "fwd+bwd")]}
         for kind, key in (("fwd", "fwd"), ("fwd+bwd", "fwd_bwd")):
             entry[f"zoo_speedup_{key}"] = median[(name, kind)] / median[("zoo lstm (np)", kind)]
+        entry["fwd_bwd_gflops"] = layer_gflop / (entry["fwd_bwd_ms"] / 1e3)
+        own = matmul["torch" if name.startswith("torch") else "xla"]
+        entry["fraction_of_own_matmul"] = None if own is None else entry["fwd_bwd_gflops"] / own
         results[name] = entry
 
     print(f"LSTM layer B={B} T={T} D=H={D} float32, median of {args.repeats} runs "
@@ -194,6 +231,13 @@ def main(argv=None):
     for name, e in results.items():
         print(f"{name:28s} {e['fwd_ms']:9.1f} {e['fwd_bwd_ms']:11.1f}   "
               f"{e['zoo_speedup_fwd']:15.2f}x {e['zoo_speedup_fwd_bwd']:7.2f}x")
+    print(f"matmul [{B * T}, {D}] x [{D}, {4 * D}]: XLA {matmul['xla']:.0f} GFLOP/s"
+          + ("" if matmul["torch"] is None else f", torch {matmul['torch']:.0f} GFLOP/s "
+             f"(torch/XLA {matmul['torch'] / matmul['xla']:.2f}x)"))
+    for name, e in results.items():
+        share = e["fraction_of_own_matmul"]
+        print(f"{name:28s} fwd+bwd {e['fwd_bwd_gflops']:6.1f} GFLOP/s"
+              + ("" if share is None else f" = {share:.2f} of its framework's matmul"))
     for note in notes:
         print("note:", note)
 
@@ -204,6 +248,8 @@ def main(argv=None):
         "statistic": "median after 2 warm-up calls, contenders interleaved",
         "speedup": "time(other) / time(zoo); > 1 means zoo is faster",
         "results": results,
+        "matmul_gflops": matmul,
+        "layer_gflop_fwd_bwd": layer_gflop,
         "notes": notes,
         "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
         "when_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -153,7 +153,10 @@ def main(argv=None) -> str:
               f"many per task and architecture; this table has "
               f"{len(seeds)} seed(s), one learning rate and {shared['steps']} steps per run, so a model "
               "that did not fit a task here may still fit it with a larger budget; a model that fitted "
-              "1–40 and failed 41–500 is the length-generalisation failure the paper measures.")
+              "1–40 and failed 41–500 is the length-generalisation failure the paper measures. "
+              "`chomsky_regular.md` (`experiments.studies.chomsky_regular`) retrains elman and lstm on the "
+              "regular tasks over seeds with fresh examples at every step, as the paper trains, and reports "
+              "the best run beside the mean.")
     return R.publish(NAME, argv, args.out,
                      title="Chomsky hierarchy: regular and context-free tasks, length generalisation",
                      seeds=seeds, wall=wall, hardware_line=hardware,
