@@ -78,3 +78,32 @@ def test_a_task_without_a_length_field_is_refused_before_training(data_dir):
         check_eval_lengths(task, (32,))
     with pytest.raises(AttributeError, match="CopyConfig has no eval length field"):
         task.batch_at_length(0, 32)
+
+
+def test_chomsky_lengths_are_input_lengths(data_dir):
+    """A Chomsky task at a chosen length: every eval example has exactly that many input symbols (the
+    paper's per-length x-axis), then its answer, and the answer is the task's own function of them."""
+    from zoo.data.chomsky import TASKS as SPECS
+    from zoo.data.chomsky.regular import evaluate_without_brackets
+
+    fields = dict(train_size=4, eval_size=6, batch_size=3, data_dir=data_dir)
+    parity = TASKS["parity_check"](**fields)
+    assert supports_lengths(parity) and check_eval_lengths(parity, (45, 60)) == (45, 60)
+    for length in (45, 60):
+        batch = batch_at_length(parity, 1, length)
+        assert batch["inputs"].shape == (3, length + 1)                 # the bits, then one blank
+        bits = batch["inputs"][:, :length]
+        assert set(np.unique(bits)) <= {0, 1}
+        assert np.all(batch["inputs"][:, length] == SPECS["parity_check"].blank)
+        np.testing.assert_array_equal(batch["targets"][:, length], bits.sum(axis=1) % 2)
+        assert np.all(batch["mask"] == (np.arange(length + 1) == length))    # the answer position only
+    arithmetic = TASKS["modular_arithmetic"](**fields)
+    batch = batch_at_length(arithmetic, 0, 60)                          # even: rounded down to 59
+    assert batch["inputs"].shape == (3, 60)
+    for inputs, targets in zip(batch["inputs"], batch["targets"], strict=True):
+        assert targets[59] == evaluate_without_brackets(inputs[:59])
+    reverse = TASKS["reverse_string"](**fields)
+    batch = batch_at_length(reverse, 0, 50)
+    np.testing.assert_array_equal(batch["targets"][:, 50:], batch["inputs"][:, 49::-1])
+    with pytest.raises(ValueError, match="positive int, got 0"):
+        parity.batch_at_length(0, 0)

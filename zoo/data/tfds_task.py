@@ -202,6 +202,11 @@ class SequenceConfig(tfds.core.BuilderConfig):
             return None
         return dataclasses.replace(self, **{EVAL_LENGTH_FIELD: length})
 
+    def eval_row_length(self, length: int) -> int:
+        """How many steps the eval rows of ``with_eval_length(length)`` have: ``length`` itself, unless
+        the task measures length otherwise (the Chomsky tasks: the input length, before the answer)."""
+        return length
+
 
 def check_split(split: str) -> None:
     if split not in SPLITS:
@@ -356,7 +361,8 @@ class TfdsTask:
         """``batch_at_length(step, length, split="eval")``, the training loop's protocol for
         ``eval_lengths``: held-out batch ``step`` of the config's copy ``config.with_eval_length(length)``
         (its own dataset directory, since the name spells the field out; its ``train_size`` is cut to 1,
-        as eval records do not depend on it), rows exactly ``length`` long.
+        as eval records do not depend on it), rows exactly ``length`` long; for the Chomsky tasks
+        ``length`` is the input length, as in the paper's plots, and the rows hold the answer too.
 
         For a config without a length field this attribute does not exist (AttributeError), so that
         ``zoo.train.loop.supports_lengths`` reports the task unsupported before training starts.
@@ -374,9 +380,9 @@ class TfdsTask:
             if config is None:
                 raise ValueError(f"{self.name}: {type(self.config).__name__} cannot set an eval length")
             config = dataclasses.replace(config, train_size=1)
-            if config.max_length("eval") != length:
+            if config.max_length("eval") != config.eval_row_length(length):
                 raise ValueError(f"{self.name}: with_eval_length({length}) gave eval examples of up to "
-                                 f"{config.max_length('eval')} steps")
+                                 f"{config.max_length('eval')} steps, not {config.eval_row_length(length)}")
             self._at_length[length] = dataclasses.replace(self, config=config, length=None, pack=False)
         return self._at_length[length]
 

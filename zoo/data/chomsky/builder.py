@@ -92,6 +92,17 @@ class ChomskyConfig(SequenceConfig):
     def max_length(self, split: str) -> int:
         return longest_sequence(self.task, *self.lengths(split))
 
+    def with_eval_length(self, length: int) -> ChomskyConfig:
+        """A copy whose eval examples all have input length ``length`` (the paper's per-length test
+        accuracy); their rows are ``eval_row_length(length)`` steps, the input and the answer."""
+        if not isinstance(length, int | np.integer) or isinstance(length, bool) or length < 1:
+            raise ValueError(f"{type(self).__name__}: an eval input length must be a positive int, "
+                             f"got {length!r}")
+        return dataclasses.replace(self, min_eval_length=int(length), max_eval_length=int(length))
+
+    def eval_row_length(self, length: int) -> int:
+        return longest_sequence(self.task, length, length)
+
     def check(self) -> None:
         super().check()
         names = sorted(SPECS)
