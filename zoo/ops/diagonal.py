@@ -36,12 +36,11 @@ is its own mode's forward pass plus one element-wise product, and only ``h`` is 
   (a = 1, b = 0), which leave the values, the final state and the gradients unchanged.
 * ``"auto"``: ``"sequential"`` on CPU, ``"associative"`` on GPU/TPU (``"chunked"`` when a
   ``chunk_size`` is given). Measured with ``experiments/bench/diagonal.py`` on 2 CPU cores (B=8,
-  T=4096, D=256 float32, median of 7, load average 1.6-4 from other jobs), forward / forward+backward:
-  sequential 21.7 / 64.6 ms (4.6 GB/s forward, 5.9 at best), associative 87 / 211 ms, chunked
-  88 / 346 ms, ``lax.scan`` behind the transposes the [B, T, D] layout needs 72 / 151 ms, and one
-  XLA element-wise pass over the same bytes (no recurrence) 19.7 ms: the sequential pass runs at
-  the element-wise ceiling. The parallel forms move several times the data of one pass, which pays
-  only where many cores would otherwise idle.
+  T=4096, D=256 float32, median of 7, load average 1.1-1.4), forward / forward+backward:
+  sequential 16.8 / 54.5 ms (6.0 GB/s forward), associative 78 / 182 ms, chunked 86 / 208 ms,
+  ``lax.scan`` behind the transposes the [B, T, D] layout needs 38.5 / 88.7 ms, and one XLA
+  element-wise pass over the same bytes (no recurrence) 10.2 ms. The parallel forms move several
+  times the data of one pass, which pays only where many cores would otherwise idle.
   The GPU/TPU choice is not measured yet (no device here). ``implementation=`` (below) runs the
   Pallas kernel ``pallas_kernels.diagonal_scan`` instead, by default on GPU/TPU when ``mode="auto"``.
 
