@@ -24,9 +24,10 @@ experiments/bench/results/lstm.json.
 
 Matmul roofline: the layer's arithmetic is its products, 2·B·T·(D+H)·4H FLOPs forward and twice
 that again backward (the recurrent product, dW_in, dW_rec and dx), so each contender's fwd+bwd time
-is also printed as GFLOP/s, beside one [B·T, D] x [D, 4H] product timed in the same run by XLA
-(``jnp.dot`` under jit) and by torch. Where torch's matmul is faster than XLA's, that ratio bounds
-what any XLA program of the same products can reach against torch.
+is also printed as GFLOP/s, beside one [B·T, D] x [D, 4H] product (the input projection's shape)
+timed in the same run by XLA (``jnp.dot`` under jit) and by torch. It is context, not a bound: XLA's
+speed varies with the shape (on 2 cores the [B·T, 4H] x [4H, D] product of dx ran at about twice
+this one's GFLOP/s), so the layer's share of it says how much time goes outside the products.
 """
 
 from __future__ import annotations
