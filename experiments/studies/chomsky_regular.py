@@ -2,7 +2,7 @@
 for the paper's recurrent baselines, swept over seeds and learning rates and reported as the paper
 reports them: the best run per (model, task) beside the mean.
 
-    .venv/bin/python -m experiments.studies.chomsky_regular            # the full sweep (about 55 min on 2 cores)
+    .venv/bin/python -m experiments.studies.chomsky_regular          # the full sweep (55 min on 2 cores)
     .venv/bin/python -m experiments.studies.chomsky_regular --quick    # a smoke run of a few steps
 
 The single-seed grid of ``experiments.studies.chomsky`` (2000 steps, one learning rate) leaves the
