@@ -155,8 +155,8 @@ def main(argv=None) -> str:
               "that did not fit a task here may still fit it with a larger budget; a model that fitted "
               "1–40 and failed 41–500 is the length-generalisation failure the paper measures. "
               "`chomsky_regular.md` (`experiments.studies.chomsky_regular`) retrains elman and lstm on the "
-              "regular tasks over seeds with fresh examples at every step, as the paper trains, and reports "
-              "the best run beside the mean.")
+              "regular tasks over seeds with fresh examples at every step, as the paper trains, with and "
+              "without the residual block's MLP, and reports the best run beside the mean.")
     return R.publish(NAME, argv, args.out,
                      title="Chomsky hierarchy: regular and context-free tasks, length generalisation",
                      seeds=seeds, wall=wall, hardware_line=hardware,
