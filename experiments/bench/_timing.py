@@ -47,13 +47,14 @@ def record(benchmark: str, argv, load_before, load_after, **fields) -> dict:
     }
 
 
-def matmul_probe():
-    """A same-run yardstick: a jitted [4096, 512] @ [512, 512] float32 matmul and its FLOP count."""
-    a = jax.random.normal(jax.random.key(1), (4096, 512), jax.numpy.float32)
-    b = jax.random.normal(jax.random.key(2), (512, 512), jax.numpy.float32)
+def matmul_probe(rows: int = 4096, inner: int = 512, cols: int = 512):
+    """A same-run yardstick: a jitted [rows, inner] @ [inner, cols] float32 matmul (compiled and run
+    once) and its FLOP count."""
+    a = jax.random.normal(jax.random.key(1), (rows, inner), jax.numpy.float32)
+    b = jax.random.normal(jax.random.key(2), (inner, cols), jax.numpy.float32)
     matmul = jax.jit(lambda a, b: a @ b)
     jax.block_until_ready(matmul(a, b))
-    return (lambda: matmul(a, b)), 2 * 4096 * 512 * 512
+    return (lambda: matmul(a, b)), 2 * rows * inner * cols
 
 
 def chunked_against_sequential(cases: dict, inputs: tuple, weights, repeats: int, flops, default_chunk: int):

@@ -48,6 +48,8 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from _timing import matmul_probe  # noqa: E402  (experiments/bench is the script's directory)
+
 import zoo  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -122,21 +124,16 @@ def torch_case(layer, xs, weights, torch):
 
 
 def matmul_gflops(rows: int, inner: int, cols: int, repeats: int, torch) -> dict[str, float | None]:
-    """GFLOP/s of one [rows, inner] x [inner, cols] float32 product: XLA under jit, and torch."""
-    rng = np.random.default_rng(1)
-    a = rng.normal(size=(rows, inner)).astype(np.float32)
-    b = rng.normal(size=(inner, cols)).astype(np.float32)
-    flop = 2 * rows * inner * cols
-    dot = jax.jit(jnp.dot)
-    a_x, b_x = jnp.asarray(a), jnp.asarray(b)
-    calls = {"xla": lambda: dot(a_x, b_x)}
+    """GFLOP/s of one [rows, inner] x [inner, cols] float32 product: XLA (``_timing.matmul_probe``) and
+    torch, interleaved run by run."""
+    xla, flop = matmul_probe(rows, inner, cols)
+    calls = {"xla": xla}
     if torch is not None:
-        a_t, b_t = torch.from_numpy(a), torch.from_numpy(b)
+        a_t, b_t = torch.randn(rows, inner), torch.randn(inner, cols)
         calls["torch"] = lambda: a_t @ b_t
     times = {name: [] for name in calls}
     for fn in calls.values():
-        for _ in range(2):
-            jax.block_until_ready(fn())
+        jax.block_until_ready(fn())                          # warm-up (XLA's is compiled already)
     for _ in range(repeats):
         for name, fn in calls.items():
             start = time.perf_counter()

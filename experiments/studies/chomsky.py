@@ -23,6 +23,7 @@ import time
 
 from experiments.studies import _runner as R
 from zoo.data.chomsky import TASKS as SPECS
+from zoo.data.chomsky import TEST_MAX_LENGTH, TEST_MIN_LENGTH, TRAIN_MAX_LENGTH
 
 NAME = "chomsky"
 MODELS = ("elman", "lstm", "gru", "mingru", "lru", "mamba", "gla", "deltanet", "mlstm")
@@ -47,6 +48,9 @@ FULL = {
     "d_model": 64, "n_layers": 1, "mlp_ratio": 2.0, "batch_size": 32, "steps": 2000,
     "learning_rate": 3e-3, "eval_every": 500, "eval_batches": 2, "log_every": 50,
 }
+# The builder's default lengths, the paper's: train on 1-40, test on 41-500.
+PAPER_LENGTHS = {"max_train_length": TRAIN_MAX_LENGTH, "min_eval_length": TEST_MIN_LENGTH,
+                 "max_eval_length": TEST_MAX_LENGTH}
 TASK_QUICK = {"train_size": 8, "eval_size": 4, "max_train_length": 4, "min_eval_length": 5,
               "max_eval_length": 6}
 QUICK = {"d_model": 8, "n_layers": 1, "mlp_ratio": 1.0, "batch_size": 2, "steps": 2, "eval_every": 2,
@@ -107,8 +111,7 @@ def main(argv=None) -> str:
                          ["model", "recurrence", "parity_check test accuracy",
                           "train accuracy (lengths 1–40)", "paper's claim"], parity_rows))
     sections.append(("Every run", run_columns, run_rows))
-    lengths = (TASK_QUICK if args.quick else {"max_train_length": 40, "min_eval_length": 41,
-                                             "max_eval_length": 500})
+    lengths = TASK_QUICK if args.quick else PAPER_LENGTHS
     setting = (
         f"Tasks: {', '.join(tasks)} (`zoo.data.TASKS`, the tfds Chomsky builder), trained on input lengths "
         f"1–{lengths['max_train_length']}, tested on {lengths['min_eval_length']}–"

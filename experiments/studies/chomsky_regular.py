@@ -24,7 +24,7 @@ import time
 
 from experiments.studies import _runner as R
 from experiments.studies.chomsky import FULL as GRID_FULL
-from experiments.studies.chomsky import PAPER_MODELS, SOLVED, TASK_FULL, TASK_QUICK
+from experiments.studies.chomsky import PAPER_LENGTHS, PAPER_MODELS, SOLVED, TASK_FULL, TASK_QUICK
 from zoo.data.chomsky import TASKS as SPECS
 
 NAME = "chomsky_regular"
@@ -36,8 +36,6 @@ FULL = {**GRID_FULL, "steps": 10000, "eval_every": 5000}
 # Fresh examples at every step, as the paper samples them: the training split holds steps x batch
 # examples (set in main, after --steps), so no example repeats. With the grid's 16384 examples an
 # LSTM reached training accuracy 1.0 on parity at 10k steps (20 epochs) and 0.59 on 41-500.
-# The builder's default lengths, the paper's.
-PAPER_LENGTHS = {"max_train_length": 40, "min_eval_length": 41, "max_eval_length": 500}
 QUICK = {"d_model": 8, "n_layers": 1, "mlp_ratio": 1.0, "batch_size": 2, "steps": 2, "eval_every": 2,
          "eval_batches": 1, "log_every": 1}
 QUICK_MODELS = ("lstm",)
