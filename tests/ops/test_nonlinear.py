@@ -182,13 +182,22 @@ def test_vmap_of_the_structured_path_equals_a_loop():
         assert_trees_close(jax.tree.map(lambda g, k=k: g[k], got), grad(params, stacked[k]), GRAD_TOL)
 
 
-def test_unrolled_loops_equal_the_plain_loop():
-    params, h0 = lstm_params(22), lstm_state(23)
+@pytest.mark.parametrize("unroll", [1, 3, 16])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_blocks_of_steps_equal_the_reference_loop(unroll, reverse):
+    """``unroll`` steps per loop iteration: T = 7 runs as 7 blocks of 1, as 2 blocks of 3 plus a
+    remainder of 1 (visited last forward, first in reverse), or as one block shorter than asked."""
+    params, h0, fresh = lstm_params(22), lstm_state(23), lstm_state(25)
     xs, reset, weights = data(24)
-    loss = lambda unroll: lambda p, x: jnp.sum(nonlinear.apply(
-        LSTM, p, x, initial_state=h0, reset=reset, unroll=unroll)[0] * weights)
-    assert_trees_close(jax.value_and_grad(loss(3))(params, xs), jax.value_and_grad(loss(1))(params, xs),
-                       GRAD_TOL)
+    kw = dict(initial_state=h0, reset=reset, reverse=reverse, reset_state=fresh)
+    got = jax.jit(lambda p, x: nonlinear.apply(LSTM, p, x, unroll=unroll, **kw))(params, xs)
+    assert_trees_close(got, nonlinear.reference(plain_lstm, params, xs, **kw), TOL)
+    loss = lambda run, cell, **extra: lambda p, x, h, f: jnp.sum(run(
+        cell, p, x, initial_state=h, reset=reset, reverse=reverse, reset_state=f, **extra)[0] * weights)
+    args = (params, xs, h0, fresh)
+    got = jax.grad(loss(nonlinear.apply, LSTM, unroll=unroll), argnums=(0, 1, 2, 3))(*args)
+    want = jax.grad(loss(nonlinear.reference, plain_lstm), argnums=(0, 1, 2, 3))(*args)
+    assert_trees_close(got, want, GRAD_TOL)
 
 
 def test_unknown_mode_is_rejected_by_name():
@@ -196,6 +205,9 @@ def test_unknown_mode_is_rejected_by_name():
     xs, _, _ = data(0)
     with pytest.raises(ValueError, match="mode='deer'"):
         nonlinear.apply(LSTM, params, xs, initial_state=h0, mode="deer")
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match=f"unroll must be a positive int.*got {bad!r}"):
+            nonlinear.apply(LSTM, params, xs, initial_state=h0, unroll=bad)
 
 
 @pytest.mark.parametrize("mode", ["auto", "newton"])

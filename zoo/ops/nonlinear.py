@@ -19,14 +19,14 @@ Two kinds of cell:
   inputs, differentiated by JAX's own scan transpose;
 * a ``SplitCell``, whose state enters through one matrix product followed by a pointwise map
   (LSTM, GRU with the reset gate after the product, Elman). It runs on the batch-major arrays
-  without transposing them (strided reads and in-place writes at step t), with one fused
-  [x_t, h] @ [W_in; W_rec] product per step, and has a hand-written backward pass
-  (``jax.custom_vjp``): the reverse loop carries only the state cotangent, does one
-  [B, G] x [G, R] product per step and stores the pre-activation cotangents ``dpre`` [B, T, G];
-  the gradients of W_in, W_rec, the bias and the inputs are then single products (or a sum) over
-  all B·T rows, instead of T small accumulations inside the loop. The forward pass saves only
-  ``pre`` and the state entering each step. Gradients equal those of the plain loop up to float
-  rounding (tests/ops/test_nonlinear.py). Being a ``custom_vjp``, this path supports reverse-mode
+  without transposing them, in blocks of ``unroll`` steps (16 by default): each block projects
+  its inputs with one [B·block, D_in] x [D_in, G] product and then runs its steps unrolled, one
+  [B, R] x [R, G] product each. Its backward pass is hand-written (``jax.custom_vjp``): the reverse
+  loop carries only the state cotangent and does one [B, G] x [G, R] product per step; the
+  gradients of W_in, W_rec, the bias and the inputs are single products over each block's rows,
+  instead of T small accumulations inside the loop. The forward pass saves only ``pre`` and the
+  state entering each step. Gradients equal those of the plain loop up to float rounding
+  (tests/ops/test_nonlinear.py). Being a ``custom_vjp``, this path supports reverse-mode
   differentiation (``grad``, ``vjp``, also of ``grad``) but not forward mode (``jvp``, ``jacfwd``);
   pass the cell as a plain callable (``lambda p, h, x: cell(p, h, x)``) for forward mode.
 
@@ -120,10 +120,16 @@ def step(cell: Cell, params, h, x_t):
 
 
 def apply(cell: Cell, params, xs, *, initial_state, reset=None, reverse: bool = False,
-          mode: str = "auto", unroll: int = 1, reset_state=None, structure=None,
+          mode: str = "auto", unroll: int | None = None, reset_state=None, structure=None,
           newton: NewtonOptions | None = None, initial_guess=None, return_diagnostics: bool = False):
     """Run ``cell`` over the time axis (axis 1) of ``xs``. Returns ``(ys [B, T, ...], final_state)``,
-    and with ``return_diagnostics`` (mode "newton" only) also a ``NewtonDiagnostics``."""
+    and with ``return_diagnostics`` (mode "newton" only) also a ``NewtonDiagnostics``.
+
+    ``unroll``: steps per loop iteration in mode "sequential" (a SplitCell's block length, 16 by
+    default; ``lax.scan``'s ``unroll`` for a plain cell, 1 by default)."""
+    if unroll is not None and (isinstance(unroll, bool) or not hasattr(unroll, "__index__") or unroll < 1):
+        raise ValueError(f"nonlinear.apply: unroll must be a positive int (steps per loop iteration), "
+                         f"got {unroll!r}")
     if mode not in ("auto", *MODES):
         raise ValueError(f"nonlinear.apply: mode={mode!r}; choose one of {('auto', *MODES)}")
     if mode != "newton" and (return_diagnostics or initial_guess is not None or newton is not None):
@@ -146,8 +152,9 @@ def apply(cell: Cell, params, xs, *, initial_state, reset=None, reverse: bool = 
         flags = None
         if reset is not None:
             flags = jnp.flip(reset_for_reverse(reset), 1) if reverse else reset
-        return _split_scan(cell, bool(reverse), int(unroll), params, xs, h0, fresh, flags)
-    return _generic_scan(cell, params, xs, h0, fresh, reset, reverse, unroll)
+        block = _BLOCK if unroll is None else int(unroll)
+        return _split_scan(cell, bool(reverse), block, params, xs, h0, fresh, flags)
+    return _generic_scan(cell, params, xs, h0, fresh, reset, reverse, 1 if unroll is None else int(unroll))
 
 
 def _generic_scan(cell, params, xs, h0, fresh, reset, reverse, unroll):
@@ -220,17 +227,32 @@ def _newton_apply(cell, params, xs, h0, fresh, reset, reverse, structure, option
 
 
 # --------------------------------------------------------------------------------------------
-# SplitCell: batch-major loop with a structured backward pass.
+# SplitCell: batch-major loop over blocks of steps, with a structured backward pass.
+
+# Steps per block when ``unroll`` is not given. Measured on XLA CPU (2 cores, B=32, T=256, D=H=256
+# LSTM): forward 8, 16 and 32 within 10% of each other and ~1.6x faster than one step per block;
+# backward fastest at 16 (32 and 64: +8% and +20%). 16 also keeps the compiled program small.
+_BLOCK = 16
 
 
-def _at(tree, t):
-    """The [B, ...] slice at time ``t`` of every [B, T, ...] leaf (a strided read, no transpose)."""
-    return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, t, 1, keepdims=False), tree)
+def _window(tree, start, size):
+    """The [B, size, ...] window of every [B, T, ...] leaf from step ``start`` (traced or static)."""
+    return jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, size, 1), tree)
 
 
-def _put(buffers, t, values):
-    return jax.tree.map(
-        lambda buf, v: lax.dynamic_update_index_in_dim(buf, v.astype(buf.dtype), t, 1), buffers, values)
+def _put_window(buffers, start, values):
+    return jax.tree.map(lambda buf, v: lax.dynamic_update_slice_in_dim(buf, v.astype(buf.dtype), start, 1),
+                        buffers, values)
+
+
+def _swap_leading(tree):
+    """[B, T, ...] <-> [T, B, ...] for every leaf."""
+    return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), tree)
+
+
+def _stack(steps):
+    """A list of per-step pytrees ([B, ...] leaves) as one pytree of [B, len, ...] leaves."""
+    return jax.tree.map(lambda *a: jnp.stack(a, axis=1), *steps)
 
 
 def _buffers(like, time):
@@ -238,9 +260,69 @@ def _buffers(like, time):
     return jax.tree.map(lambda s: jnp.zeros((s.shape[0], time) + s.shape[1:], s.dtype), like)
 
 
-def _split_forward(cell, reverse, unroll, params, xs, h0, fresh, flags, save):
-    """The time loop. With ``save`` it also returns ``pre`` [B, T, G] and the state entering each step."""
+def _over_blocks(run_block, carry, buffers, time, block, backwards):
+    """Visit [0, T) in blocks of ``block`` steps, then the remainder, in time order or backwards.
+
+    ``run_block(carry, start, size) -> (carry, window)`` runs ``size`` (static) steps from ``start``;
+    each window ([B, size, ...] leaves) is written into ``buffers`` ([B, T, ...]) at ``start``.
+    """
+    n_blocks, tail = divmod(time, block)
+
+    def visit_tail(carry, buffers):
+        if not tail:
+            return carry, buffers
+        carry, window = run_block(carry, n_blocks * block, tail)
+        return carry, _put_window(buffers, n_blocks * block, window)
+
+    def body(state, i):
+        carry, buffers = state
+        carry, window = run_block(carry, i * block, block)
+        return (carry, _put_window(buffers, i * block, window)), None
+
+    if backwards:
+        carry, buffers = visit_tail(carry, buffers)
+    if n_blocks:
+        (carry, buffers), _ = lax.scan(body, (carry, buffers), jnp.arange(n_blocks), reverse=backwards)
+    if not backwards:
+        carry, buffers = visit_tail(carry, buffers)
+    return carry, buffers
+
+
+def _split_weights(cell, params, dtype):
+    w_in = cell.input_weight(params).astype(dtype)
+    w_rec = cell.recurrent_weight(params).astype(dtype)
+    bias = None if cell.bias is None else cell.bias(params).astype(dtype)
+    return w_in, w_rec, bias
+
+
+def _split_forward(cell, reverse, block, params, xs, h0, fresh, flags, save):
+    """The time loop. With ``save`` it also returns ``pre`` [B, T, G] and the state entering each step.
+
+    Each block of steps first projects its inputs in one [B·block, D_in] x [D_in, G] product, then
+    runs its steps unrolled, with one [B, R] x [R, G] product each. On XLA CPU this is ~1.6x faster
+    than a loop with one [x_t, h] x [W_in; W_rec] product per step, and faster than projecting all
+    B·T rows up front: a [B, T, G] array read back one step at a time misses the cache, and a
+    ``lax.scan`` inside the block reads its slices slowly (measured 1.8x slower than unrolled).
+    """
     time = xs.shape[1]
+    w_in, w_rec, bias = _split_weights(cell, params, xs.dtype)
+
+    def run_block(h, start, size):
+        pre_x = jnp.einsum("bkd,dg->bkg", lax.dynamic_slice_in_dim(xs, start, size, 1), w_in)
+        if bias is not None:
+            pre_x = pre_x + bias
+        flag = None if flags is None else _window(flags, start, size)
+        outs = [None] * size
+        for j in (range(size - 1, -1, -1) if reverse else range(size)):
+            if flag is not None:
+                h = _select_state(flag[:, j], fresh, h)
+            pre_h = cell.read(h).astype(xs.dtype) @ w_rec
+            pre = (pre_x[:, j], pre_h) if cell.separate else pre_x[:, j] + pre_h
+            h_new, y = cell.pointwise(params, pre, h)
+            outs[j] = {"ys": y, "pre": pre, "h_in": h} if save else {"ys": y}
+            h = _to_float32(h_new)
+        return h, _stack(outs)
+
     x_0 = jax.ShapeDtypeStruct((xs.shape[0], xs.shape[2]), xs.dtype)
     pre_like, (_, y_like) = jax.eval_shape(
         lambda x: (cell.preactivation(params, h0, x), cell(params, h0, x)), x_0)
@@ -248,93 +330,88 @@ def _split_forward(cell, reverse, unroll, params, xs, h0, fresh, flags, save):
     if save:
         bufs["pre"] = _buffers(pre_like, time)
         bufs["h_in"] = _buffers(h0, time)
-
-    if cell.separate:
-        preactivation = lambda h, x_t: cell.preactivation(params, h, x_t)
-    else:
-        # One product per step, [x_t, read(h)] @ [W_in; W_rec]: cheaper on CPU than two.
-        w_cat = jnp.concatenate([cell.input_weight(params).astype(xs.dtype),
-                                 cell.recurrent_weight(params).astype(xs.dtype)], axis=0)
-        bias = 0 if cell.bias is None else cell.bias(params).astype(xs.dtype)
-        preactivation = lambda h, x_t: jnp.concatenate(
-            [x_t, cell.read(h).astype(xs.dtype)], axis=-1) @ w_cat + bias
-
-    def body(carry, t):
-        h, bufs = carry
-        if flags is not None:
-            h = _select_state(lax.dynamic_index_in_dim(flags, t, 1, keepdims=False), fresh, h)
-        pre = preactivation(h, _at(xs, t))
-        h_new, y = cell.pointwise(params, pre, h)
-        new = {"ys": y}
-        if save:
-            new.update(pre=pre, h_in=h)
-        return (_to_float32(h_new), _put(bufs, t, new)), None
-
-    (final, bufs), _ = lax.scan(body, (h0, bufs), jnp.arange(time), reverse=reverse, unroll=unroll)
+    final, bufs = _over_blocks(run_block, h0, bufs, time, block, backwards=reverse)
     return bufs["ys"], final, bufs
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _split_scan(cell, reverse, unroll, params, xs, h0, fresh, flags):
-    ys, final, _ = _split_forward(cell, reverse, unroll, params, xs, h0, fresh, flags, save=False)
+def _split_scan(cell, reverse, block, params, xs, h0, fresh, flags):
+    ys, final, _ = _split_forward(cell, reverse, block, params, xs, h0, fresh, flags, save=False)
     return ys, final
 
 
-def _split_scan_fwd(cell, reverse, unroll, params, xs, h0, fresh, flags):
-    ys, final, bufs = _split_forward(cell, reverse, unroll, params, xs, h0, fresh, flags, save=True)
+def _split_scan_fwd(cell, reverse, block, params, xs, h0, fresh, flags):
+    ys, final, bufs = _split_forward(cell, reverse, block, params, xs, h0, fresh, flags, save=True)
     return (ys, final), (params, xs, fresh, flags, bufs["pre"], bufs["h_in"])
 
 
-def _split_scan_bwd(cell, reverse, unroll, residuals, cotangents):
+def _split_scan_bwd(cell, reverse, block, residuals, cotangents):
+    """The reverse loop, block by block: per step the pointwise VJP and one [B, G] x [G, R] product
+    for the state cotangent; per block the gradients of W_in, W_rec and the bias, and the block's
+    input cotangents, each one product over the block's B·block rows. Measured against writing the
+    [B, T, G] cotangent out and taking the products once over all rows: ~8% faster on CPU.
+
+    Inside a block the steps run as a ``lax.scan``, not unrolled: unrolled, XLA CPU fuses the
+    elementwise part of the state cotangent (an LSTM's dc) across the steps and recomputes it from
+    the block's start in every step (an optimization barrier does not stop it there)."""
     params, xs, fresh, flags, pre_all, h_in_all = residuals
     dys, d_final = cotangents
-    time = jax.tree.leaves(pre_all)[0].shape[1]
-    w_rec = cell.recurrent_weight(params).astype(jax.tree.leaves(pre_all)[0].dtype)
+    time = xs.shape[1]
+    dtype = jax.tree.leaves(pre_all)[0].dtype
+    w_in, w_rec, _ = _split_weights(cell, params, dtype)
     # Transposed once, behind a barrier so that XLA does not fold the transpose back into the
     # per-step product (a [B, G] x [G, R] product in standard layout is ~15% faster on CPU).
     w_rec_t = lax.optimization_barrier(jnp.transpose(w_rec))
     zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+    f32 = jnp.float32
 
-    def body(carry, t):
-        dh, d_fresh, d_pointwise, dpre_all = carry
-        pre, h_in = _at(pre_all, t), _at(h_in_all, t)
+    def step(carry, inputs):
+        dh, d_fresh, d_pointwise = carry
+        pre, h_in, dy, flag = inputs
         outs, pointwise_vjp = jax.vjp(cell.pointwise, params, pre, h_in)
-        dp, dpre, dh_in = pointwise_vjp(_cast_like((dh, _at(dys, t)), outs))
+        dp, dpre, dh_in = pointwise_vjp(_cast_like((dh, dy), outs))
         rows, read_vjp = jax.vjp(cell.read, h_in)
         (dh_read,) = read_vjp((cell.parts(dpre)[1] @ w_rec_t).astype(rows.dtype))
-        dh_in = jax.tree.map(lambda a, b: a.astype(jnp.float32) + b.astype(jnp.float32), dh_in, dh_read)
-        if flags is not None:
-            flag = lax.dynamic_index_in_dim(flags, t, 1, keepdims=False)
-            d_fresh = jax.tree.map(jnp.add, d_fresh, _select_state(flag, dh_in, zeros(dh_in)))
-            dh_in = _select_state(flag, zeros(dh_in), dh_in)
-        d_pointwise = jax.tree.map(jnp.add, d_pointwise, dp)
-        return (dh_in, d_fresh, d_pointwise, _put(dpre_all, t, dpre)), None
+        dh = jax.tree.map(lambda a, b: a.astype(f32) + b.astype(f32), dh_in, dh_read)
+        if flag is not None:
+            d_fresh = jax.tree.map(jnp.add, d_fresh, _select_state(flag, dh, zeros(dh)))
+            dh = _select_state(flag, zeros(dh), dh)
+        return (dh, d_fresh, jax.tree.map(jnp.add, d_pointwise, dp)), dpre
+
+    def run_block(carry, start, size):
+        dh, d_fresh, d_pointwise, dw_rec, dw_in, d_bias = carry
+        h_in_c = _window(h_in_all, start, size)
+        window = (_swap_leading(_window(pre_all, start, size)), _swap_leading(h_in_c),
+                  _swap_leading(_window(dys, start, size)),
+                  None if flags is None else _swap_leading(_window(flags, start, size)))
+        (dh, d_fresh, d_pointwise), dpre = lax.scan(step, (dh, d_fresh, d_pointwise), window,
+                                                    reverse=not reverse)
+        dpre_x, dpre_h = cell.parts(_swap_leading(dpre))
+        # The einsums keep the [B, size, ·] operands as they are: XLA CPU then transposes at most
+        # the narrow one (a VJP of x @ W would transpose the [B, size, G] cotangent instead).
+        rows = cell.read(h_in_c).astype(dpre_h.dtype)
+        dw_rec = dw_rec + jnp.einsum("btr,btg->rg", rows, dpre_h, preferred_element_type=f32)
+        x_c = lax.dynamic_slice_in_dim(xs, start, size, 1)
+        dw_in = dw_in + jnp.einsum("btd,btg->dg", x_c, dpre_x, preferred_element_type=f32)
+        d_bias = d_bias + jnp.sum(dpre_x, axis=(0, 1), dtype=f32)
+        dxs = jnp.einsum("btg,dg->btd", dpre_x, w_in)
+        return (dh, d_fresh, d_pointwise, dw_rec, dw_in, d_bias), dxs
 
     d_final = _to_float32(d_final)
-    carry0 = (d_final, zeros(d_final), zeros(params), zeros(pre_all))
-    (dh0, d_fresh, d_params, dpre_all), _ = lax.scan(
-        body, carry0, jnp.arange(time), reverse=not reverse, unroll=unroll)
+    carry0 = (d_final, zeros(d_final), zeros(params), jnp.zeros(w_rec.shape, f32), jnp.zeros(w_in.shape, f32),
+              jnp.zeros(w_in.shape[-1:], f32))
+    (dh0, d_fresh, d_params, dw_rec, dw_in, d_bias), dxs = _over_blocks(
+        run_block, carry0, jnp.zeros(xs.shape, dtype), time, block, backwards=not reverse)
 
-    # The weight and input gradients, each one product over all B·T rows. The einsums keep the
-    # [B, T, ·] operands as they are: XLA CPU then transposes at most the narrow one (a VJP of
-    # x @ W would transpose the [B, T, G] cotangent instead, doubling the cost).
-    dpre_x_all, dpre_h_all = cell.parts(dpre_all)
-    rows = cell.read(h_in_all).astype(dpre_h_all.dtype)                       # [B, T, R]
-    f32 = jnp.float32
-    dw_rec = jnp.einsum("btr,btg->rg", rows, dpre_h_all, preferred_element_type=f32)
-    dw_in = jnp.einsum("btd,btg->dg", xs, dpre_x_all, preferred_element_type=f32)
-    w_in = cell.input_weight(params)
-    dxs = jnp.einsum("btg,dg->btd", dpre_x_all, w_in.astype(dpre_x_all.dtype))
     _, rec_vjp = jax.vjp(cell.recurrent_weight, params)
     _, in_vjp = jax.vjp(cell.input_weight, params)
     (dp_rec,) = rec_vjp(dw_rec.astype(jax.eval_shape(cell.recurrent_weight, params).dtype))
-    (dp_in,) = in_vjp(dw_in.astype(w_in.dtype))
+    (dp_in,) = in_vjp(dw_in.astype(jax.eval_shape(cell.input_weight, params).dtype))
     grads = [d_params, dp_rec, dp_in]
     if cell.bias is not None:
         b, bias_vjp = jax.vjp(cell.bias, params)
-        grads += bias_vjp(jnp.sum(dpre_x_all, axis=(0, 1), dtype=f32).astype(b.dtype))
-    d_params = jax.tree.map(lambda *g: sum(g[1:], g[0].astype(f32)).astype(g[0].dtype),
-                            *grads)
+        grads += bias_vjp(d_bias.astype(b.dtype))
+    d_params = jax.tree.map(lambda *g: sum(g[1:], g[0].astype(f32)).astype(g[0].dtype), *grads)
     return d_params, dxs.astype(xs.dtype), dh0, d_fresh, None
 
 
