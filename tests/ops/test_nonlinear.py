@@ -185,8 +185,9 @@ def test_vmap_of_the_structured_path_equals_a_loop():
 @pytest.mark.parametrize("unroll", [1, 3, 16])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_blocks_of_steps_equal_the_reference_loop(unroll, reverse):
-    """``unroll`` steps per loop iteration: T = 7 runs as 7 blocks of 1, as 2 blocks of 3 plus a
-    remainder of 1 (visited last forward, first in reverse), or as one block shorter than asked."""
+    """``unroll`` steps per loop iteration: T = 7 runs as 7 blocks of 1, as 2 unrolled blocks of 3
+    plus a remainder of 1 (visited last forward, first in reverse), or, T < unroll, as a remainder
+    only (a plain loop)."""
     params, h0, fresh = lstm_params(22), lstm_state(23), lstm_state(25)
     xs, reset, weights = data(24)
     kw = dict(initial_state=h0, reset=reset, reverse=reverse, reset_state=fresh)
