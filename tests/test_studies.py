@@ -38,8 +38,9 @@ def expected_rows(name: str, module) -> tuple[str, list[str]]:
     if name == "chomsky":
         return "Every run", list(module.QUICK_MODELS)
     if name == "chomsky_regular":           # one run per model, task, rate and the one quick seed
-        return "Every run", [m for _ in module.QUICK_TASKS for m in module.arm_labels(module.QUICK_MODELS)
-                             for _ in module.QUICK_LEARNING_RATES]
+        main_arms = [m for _ in module.QUICK_TASKS for m in module.arm_labels(module.QUICK_MODELS)
+                     for _ in module.QUICK_LEARNING_RATES]
+        return "Every run", main_arms + module.long_labels(module.QUICK_LONG_RUNS)
     if name == "mqar":
         return "Accuracy against state size", [family for family, names in module.QUICK_FAMILIES.items()
                                                for _ in names]
