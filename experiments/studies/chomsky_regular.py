@@ -2,7 +2,7 @@
 for the paper's recurrent baselines, swept over seeds and learning rates and reported as the paper
 reports them: the best run per (model, task) beside the mean.
 
-    .venv/bin/python -m experiments.studies.chomsky_regular          # the full sweep (55 min on 2 cores)
+    .venv/bin/python -m experiments.studies.chomsky_regular          # the full sweep (~2 h on 2 cores)
     .venv/bin/python -m experiments.studies.chomsky_regular --quick    # a smoke run of a few steps
 
 The single-seed grid of ``experiments.studies.chomsky`` (2000 steps, one learning rate) leaves the
@@ -14,7 +14,8 @@ grid, and prints per cell the best and the mean test accuracy over the runs (len
 eval example, after the last step). even_pairs is left out: elman, lstm and gru all generalise on it
 in the grid already. Each model runs in two arms: inside zoo's residual block with its MLP (the
 grid's architecture) and without the MLP (``mlp_ratio=0``), nearer the paper's recurrent core with
-a linear readout. Writes ``experiments/results/chomsky_regular.md``.
+a linear readout. A third arm trains the no-MLP cells left unsolved 4x longer (``LONG_RUNS``).
+Writes ``experiments/results/chomsky_regular.md``.
 """
 
 from __future__ import annotations
