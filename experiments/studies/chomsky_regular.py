@@ -85,16 +85,21 @@ def main(argv=None) -> str:
     rates = QUICK_LEARNING_RATES if args.quick else LEARNING_RATES
     began = time.perf_counter()
     results: dict[tuple[str, str], list[tuple[float, int, R.RunResult]]] = {}
+
+    def train(label: str, model: str, task: str, overrides: dict, seed: int, run_label: str) -> None:
+        rate = overrides["learning_rate"]
+        done = R.train_one(model, task, overrides, seed=seed, label=run_label, runs_dir=args.runs,
+                           full_eval=True)
+        results.setdefault((label, task), []).append((rate, seed, done))
+        print(f"{NAME}: {label} on {task} lr {rate:g} seed {seed}: test accuracy "
+              f"{done.metric('accuracy'):.4f} ({done.seconds:.0f} s)", flush=True)
+
     for task in tasks:
         for label, model, extra, arm_seeds in arms:
             for rate in rates:
                 for seed in arm_seeds:
-                    run_label = f"{model}{'-nomlp' if extra else ''}-{task}-lr{rate:g}"
-                    done = R.train_one(model, task, {**shared, **extra, "learning_rate": rate}, seed=seed,
-                                       label=run_label, runs_dir=args.runs, full_eval=True)
-                    results.setdefault((label, task), []).append((rate, seed, done))
-                    print(f"{NAME}: {label} on {task} lr {rate:g} seed {seed}: test accuracy "
-                          f"{done.metric('accuracy'):.4f} ({done.seconds:.0f} s)", flush=True)
+                    train(label, model, task, {**shared, **extra, "learning_rate": rate}, seed,
+                          run_label=f"{model}{'-nomlp' if extra else ''}-{task}-lr{rate:g}")
     long_runs = QUICK_LONG_RUNS if args.quick else LONG_RUNS
     long_steps = shared["steps"] * LONG_FACTOR
     long_overrides = {**shared, "mlp_ratio": 0.0, "steps": long_steps, "learning_rate": rates[0],
@@ -103,11 +108,8 @@ def main(argv=None) -> str:
         long_overrides["task_config.train_size"] = long_steps * shared["batch_size"]
     for model, task in long_runs:
         for seed in LONG_SEEDS if not args.quick else seeds:
-            done = R.train_one(model, task, long_overrides, seed=seed, runs_dir=args.runs, full_eval=True,
-                               label=f"{model}-nomlp-x{LONG_FACTOR}-{task}")
-            results.setdefault((f"{model}{LONG}", task), []).append((rates[0], seed, done))
-            print(f"{NAME}: {model}{LONG} on {task} seed {seed}: test accuracy {done.metric('accuracy'):.4f} "
-                  f"({done.seconds:.0f} s)", flush=True)
+            train(f"{model}{LONG}", model, task, long_overrides, seed,
+                  run_label=f"{model}-nomlp-x{LONG_FACTOR}-{task}")
     models = models + long_labels(long_runs)
     cells = [(task, model) for task in tasks for model in models if (model, task) in results]
     wall = time.perf_counter() - began

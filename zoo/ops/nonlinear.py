@@ -85,12 +85,20 @@ class SplitCell(NamedTuple):
     separate: bool = False
     bias: Callable[[Any], jax.Array] | None = None
 
-    def preactivation(self, params, h, x_t):
-        pre_x = x_t @ self.input_weight(params).astype(x_t.dtype)
-        if self.bias is not None:
-            pre_x = pre_x + self.bias(params).astype(x_t.dtype)
-        pre_h = self.read(h).astype(x_t.dtype) @ self.recurrent_weight(params).astype(x_t.dtype)
+    def input_part(self, params, x):
+        """``x @ W_in + bias`` for [B, D_in] or [B, T, D_in] inputs, in the dtype of ``x``."""
+        pre_x = x @ self.input_weight(params).astype(x.dtype)
+        return pre_x if self.bias is None else pre_x + self.bias(params).astype(x.dtype)
+
+    def with_state(self, pre_x, h, w_rec):
+        """``pre`` from the input part and the state: ``read(h) @ w_rec`` added (or paired, with
+        ``separate``); ``w_rec`` is the recurrent weight already cast to the compute dtype."""
+        pre_h = self.read(h).astype(pre_x.dtype) @ w_rec
         return (pre_x, pre_h) if self.separate else pre_x + pre_h
+
+    def preactivation(self, params, h, x_t):
+        w_rec = self.recurrent_weight(params).astype(x_t.dtype)
+        return self.with_state(self.input_part(params, x_t), h, w_rec)
 
     def parts(self, dpre):
         """The cotangents of (x @ W_in, read(h) @ W_rec) from the cotangent of ``pre``."""
@@ -183,18 +191,14 @@ def _generic_scan(cell, params, xs, h0, fresh, reset, reverse, unroll):
 def _split_step(cell: SplitCell, params, h, pre_x):
     """A SplitCell step from its hoisted input part ``x_t @ W_in + bias``."""
     w_rec = cell.recurrent_weight(params).astype(pre_x.dtype)
-    pre_h = cell.read(h).astype(pre_x.dtype) @ w_rec
-    return cell.pointwise(params, (pre_x, pre_h) if cell.separate else pre_x + pre_h, h)
+    return cell.pointwise(params, cell.with_state(pre_x, h, w_rec), h)
 
 
 def _newton_form(cell: Cell, params, xs):
     """``(f, inputs)``: a SplitCell's input product runs once over all B·T rows, not per iteration."""
     if not isinstance(cell, SplitCell):
         return cell, xs
-    pre_x = xs @ cell.input_weight(params).astype(xs.dtype)
-    if cell.bias is not None:
-        pre_x = pre_x + cell.bias(params).astype(xs.dtype)
-    return partial(_split_step, cell), pre_x
+    return partial(_split_step, cell), cell.input_part(params, xs)
 
 
 def _newton_apply(cell, params, xs, h0, fresh, reset, reverse, structure, options, initial_guess,
@@ -288,13 +292,6 @@ def _over_blocks(run_block, carry, buffers, time, block, backwards):
     return carry, buffers
 
 
-def _split_weights(cell, params, dtype):
-    w_in = cell.input_weight(params).astype(dtype)
-    w_rec = cell.recurrent_weight(params).astype(dtype)
-    bias = None if cell.bias is None else cell.bias(params).astype(dtype)
-    return w_in, w_rec, bias
-
-
 def _split_forward(cell, reverse, block, params, xs, h0, fresh, flags, save):
     """The time loop. With ``save`` it also returns ``pre`` [B, T, G] and the state entering each step.
 
@@ -305,21 +302,18 @@ def _split_forward(cell, reverse, block, params, xs, h0, fresh, flags, save):
     ``lax.scan`` inside the block reads its slices slowly (measured 1.8x slower than unrolled).
     """
     time = xs.shape[1]
-    w_in, w_rec, bias = _split_weights(cell, params, xs.dtype)
+    w_rec = cell.recurrent_weight(params).astype(xs.dtype)
 
     def step(h, inputs):
         pre_x, flag = inputs
         if flag is not None:
             h = _select_state(flag, fresh, h)
-        pre_h = cell.read(h).astype(xs.dtype) @ w_rec
-        pre = (pre_x, pre_h) if cell.separate else pre_x + pre_h
+        pre = cell.with_state(pre_x, h, w_rec)
         h_new, y = cell.pointwise(params, pre, h)
         return _to_float32(h_new), ({"ys": y, "pre": pre, "h_in": h} if save else {"ys": y})
 
     def run_block(h, start, size):
-        pre_x = jnp.einsum("bkd,dg->bkg", lax.dynamic_slice_in_dim(xs, start, size, 1), w_in)
-        if bias is not None:
-            pre_x = pre_x + bias
+        pre_x = cell.input_part(params, _window(xs, start, size))
         flag = None if flags is None else _window(flags, start, size)
         if size < block:        # the remainder: a plain loop, so that it adds little to compile time
             h, outs = lax.scan(step, h, _swap_leading((pre_x, flag)), reverse=reverse)
@@ -364,7 +358,8 @@ def _split_scan_bwd(cell, reverse, block, residuals, cotangents):
     dys, d_final = cotangents
     time = xs.shape[1]
     dtype = jax.tree.leaves(pre_all)[0].dtype
-    w_in, w_rec, _ = _split_weights(cell, params, dtype)
+    w_in = cell.input_weight(params).astype(dtype)
+    w_rec = cell.recurrent_weight(params).astype(dtype)
     # Transposed once, behind a barrier so that XLA does not fold the transpose back into the
     # per-step product (a [B, G] x [G, R] product in standard layout is ~15% faster on CPU).
     w_rec_t = lax.optimization_barrier(jnp.transpose(w_rec))
@@ -397,7 +392,7 @@ def _split_scan_bwd(cell, reverse, block, residuals, cotangents):
         # the narrow one (a VJP of x @ W would transpose the [B, size, G] cotangent instead).
         rows = cell.read(h_in_c).astype(dpre_h.dtype)
         dw_rec = dw_rec + jnp.einsum("btr,btg->rg", rows, dpre_h, preferred_element_type=f32)
-        x_c = lax.dynamic_slice_in_dim(xs, start, size, 1)
+        x_c = _window(xs, start, size)
         dw_in = dw_in + jnp.einsum("btd,btg->dg", x_c, dpre_x, preferred_element_type=f32)
         d_bias = d_bias + jnp.sum(dpre_x, axis=(0, 1), dtype=f32)
         dxs = jnp.einsum("btg,dg->btd", dpre_x, w_in)
