@@ -166,23 +166,25 @@ def chunked(p: Problem, chunk: int):
     to_end = _masked_exp(_shift_up(cumsum(g, axis=3, reverse=True), axis=3), at_end)   # exp(L[C-1, s])
     decay_end = _masked_exp(b[..., -1], keep_in)                         # [B, N, H]
 
-    # The UT transform: (I + A) [U | W] = [diag(β) V | diag(β exp(b)) K], A strictly lower triangular.
-    # Queries and keys against the keys in one matmul: the scores of the read-out and those of A.
-    qk_kk = jnp.einsum("bnhtk,bnhsk->bnhts", jnp.concatenate([q, k], axis=-2), k)     # [.., 2C, C]
-    qk, kk = qk_kk[..., :chunk, :], qk_kk[..., chunk:, :]
-    A = jnp.where(strict, kk * _masked_exp(L, strict) * beta[..., :, None], 0)
-    rhs = jnp.concatenate([v * beta[..., None], k * (beta * from_start)[..., None]], axis=-1)
-    UW = jnp.einsum("bnhts,bnhsd->bnhtd", unit_lower_inverse(A), rhs)
-    dv = v.shape[-1]
-    U, W = UW[..., :dv], UW[..., dv:]
+    # The UT transform: (I + A) [U | W] = [diag(β) V | diag(β exp(b)) K], A strictly lower triangular
+    # (exp(L) on the strict triangle is decay_read's). Every product below is its own matmul:
+    # concatenating operands to share one (q with k against k, V with K, W with q) cost more in the
+    # backward than it saved, through the copies and the slices of the cotangents (fwd + bwd 248 -> 217
+    # ms in experiments/bench/delta_chunked.py's gated case).
+    qk = jnp.einsum("bnhtk,bnhsk->bnhts", q, k)                          # [B, N, H, C, C]
+    kk = jnp.einsum("bnhtk,bnhsk->bnhts", k, k)
+    A = jnp.where(strict, kk * decay_read * beta[..., :, None], 0)
+    T = unit_lower_inverse(A)
+    U = jnp.einsum("bnhts,bnhsd->bnhtd", T, v * beta[..., None])        # [B, N, H, C, V]
+    W = jnp.einsum("bnhts,bnhsd->bnhtd", T, k * (beta * from_start)[..., None])     # [B, N, H, C, K]
     k_end = k * to_end[..., None]
 
     # Each chunk maps its entering state affinely, S_out = M S_in + S_loc, with
     # M = exp(b_{C-1}) I - Σ_s exp(L[C-1, s]) k_s w_sᵀ [K, K] and S_loc = Σ_s exp(L[C-1, s]) k_s U_sᵀ:
     # built for all chunks at once, so the scan does one [K, K] x [K, V] matmul per chunk.
-    end_UW = jnp.einsum("bnhck,bnhcd->bnhkd", k_end, UW)                  # [.., K, V + K]
-    S_loc = end_UW[..., :dv]
-    M = decay_end[..., None, None] * jnp.eye(k.shape[-1], dtype=k.dtype) - end_UW[..., dv:]
+    S_loc = jnp.einsum("bnhck,bnhcd->bnhkd", k_end, U)
+    M = (decay_end[..., None, None] * jnp.eye(k.shape[-1], dtype=k.dtype)
+         - jnp.einsum("bnhck,bnhcj->bnhkj", k_end, W))
 
     def across(S_in, xs):
         M_c, S_loc_c = xs
@@ -190,9 +192,8 @@ def chunked(p: Problem, chunk: int):
 
     S_final, S_in = lax.scan(across, p.S0, (jnp.moveaxis(M, 1, 0), jnp.moveaxis(S_loc, 1, 0)))
     S_in = jnp.moveaxis(S_in, 0, 1)                                      # [B, N, H, K, V]
-    # The entering state read by W (for u = U - W S_in) and by the decayed queries, in one matmul.
-    reads = jnp.einsum("bnhck,bnhkv->bnhcv", jnp.concatenate([W, q * from_start[..., None]], axis=-2), S_in)
-    u = U - reads[..., :chunk, :]                                        # [B, N, H, C, V]
-    o = jnp.einsum("bnhts,bnhsv->bnhtv", qk * decay_read, u) + reads[..., chunk:, :]
-    o = jnp.moveaxis(o, 3, 2).reshape(batch, n * chunk, heads, dv)[:, :time]
+    u = U - jnp.einsum("bnhck,bnhkv->bnhcv", W, S_in)                    # [B, N, H, C, V]
+    o = (jnp.einsum("bnhts,bnhsv->bnhtv", qk * decay_read, u)
+         + jnp.einsum("bnhck,bnhkv->bnhcv", q * from_start[..., None], S_in))
+    o = jnp.moveaxis(o, 3, 2).reshape(batch, n * chunk, heads, -1)[:, :time]
     return o, S_final
