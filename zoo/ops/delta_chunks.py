@@ -23,7 +23,8 @@ NeurIPS 2024, §3; with the decays folded in as in S. Yang et al., "Gated Delta 
 §3.3, and FLA's ``chunk_gated_delta_rule``). U, W and the scores are computed for all chunks at
 once, and so is each chunk's affine map of its entering state, ``S_out = M S_in + S_loc``; only
 that map runs in the scan over chunks, and ``u = U - W S_in`` and the read-out follow for all
-chunks at once.
+chunks at once. The gradient of that linear algebra is written out (``_core_backward``); autodiff
+carries it from the decays back to g.
 
 Numerics are those of ``zoo/ops/matrix_chunks.py``: every log decay is a direct (segment) sum over its
 own steps, never a difference of cumulative sums and never positive for log decays <= 0, so decays
@@ -154,7 +155,6 @@ def chunked(p: Problem, chunk: int):
     q, k, v = chunks(p.q), chunks(p.k), chunks(p.v)                      # [B, N, H, C, K|V]
     beta, g = chunks(p.beta[..., None])[..., 0], chunks(p.g[..., None])[..., 0]      # [B, N, H, C]
     same, fresh = _segments(p.reset, batch, n, chunk)
-    strict = same & ~jnp.eye(chunk, dtype=bool)                          # s < t, one segment
     keep_start = ~fresh                                                  # S_in reaches step t
     keep_in = ~fresh[..., -1]                                            # S_in reaches the chunk end
     at_end = same[..., -1, :]                                            # s reaches the chunk end
@@ -166,34 +166,104 @@ def chunked(p: Problem, chunk: int):
     to_end = _masked_exp(_shift_up(cumsum(g, axis=3, reverse=True), axis=3), at_end)   # exp(L[C-1, s])
     decay_end = _masked_exp(b[..., -1], keep_in)                         # [B, N, H]
 
-    # The UT transform: (I + A) [U | W] = [diag(β) V | diag(β exp(b)) K], A strictly lower triangular
-    # (exp(L) on the strict triangle is decay_read's). Every product below is its own matmul:
-    # concatenating operands to share one (q with k against k, V with K, W with q) cost more in the
-    # backward than it saved, through the copies and the slices of the cotangents (fwd + bwd 248 -> 217
-    # ms in experiments/bench/delta_chunked.py's gated case).
+    o, S_final = _chunk_core(q, k, v, beta, decay_read, from_start, to_end, decay_end, p.S0)
+    o = jnp.moveaxis(o, 3, 2).reshape(batch, n * chunk, heads, -1)[:, :time]
+    return o, S_final
+
+
+# --------------------------------------------------------------------------------------------
+# The chunks' linear algebra, with a hand-written gradient. Inputs per chunk (leading [B, N, H]):
+# q, k [C, K], v [C, V], β [C], and the decays as ``chunked`` builds them from g (so autodiff carries
+# their gradients back to g): Γ = decay_read [C, C] (exp(L[t, s]) for s <= t in one segment, else 0),
+# e = from_start [C], r = to_end [C], d = decay_end []. The state passes through the scan over chunks.
+# Written out rather than left to autodiff: its backward takes fewer matmuls (K Kᵀ's cotangent is one
+# product with the symmetrised dkk; the chunk-to-chunk scan carries only dS, no [K, K] dM per chunk)
+# and no copies of sliced cotangents: fwd + bwd 217 -> 190 ms (experiments/bench/delta_chunked.py).
+
+
+def _core_forward(q, k, v, beta, decay, e, r, d, S0):
     qk = jnp.einsum("bnhtk,bnhsk->bnhts", q, k)                          # [B, N, H, C, C]
     kk = jnp.einsum("bnhtk,bnhsk->bnhts", k, k)
-    A = jnp.where(strict, kk * decay_read * beta[..., :, None], 0)
+    # The UT transform: (I + A) [U | W] = [diag(β) V | diag(β e) K], A strictly lower triangular.
+    A = jnp.where(_strictly_lower(q.shape[-2]), kk * decay * beta[..., :, None], 0)
     T = unit_lower_inverse(A)
     U = jnp.einsum("bnhts,bnhsd->bnhtd", T, v * beta[..., None])        # [B, N, H, C, V]
-    W = jnp.einsum("bnhts,bnhsd->bnhtd", T, k * (beta * from_start)[..., None])     # [B, N, H, C, K]
-    k_end = k * to_end[..., None]
-
-    # Each chunk maps its entering state affinely, S_out = M S_in + S_loc, with
-    # M = exp(b_{C-1}) I - Σ_s exp(L[C-1, s]) k_s w_sᵀ [K, K] and S_loc = Σ_s exp(L[C-1, s]) k_s U_sᵀ:
+    W = jnp.einsum("bnhts,bnhsd->bnhtd", T, k * (beta * e)[..., None])  # [B, N, H, C, K]
+    k_end = k * r[..., None]
+    # Each chunk maps its entering state affinely, S_out = M S_in + S_loc = d S_in + Σ_s r_s k_s u_sᵀ
+    # with u = U - W S_in, i.e. M = d I - Σ_s r_s k_s w_sᵀ [K, K] and S_loc = Σ_s r_s k_s U_sᵀ:
     # built for all chunks at once, so the scan does one [K, K] x [K, V] matmul per chunk.
-    S_loc = jnp.einsum("bnhck,bnhcd->bnhkd", k_end, U)
-    M = (decay_end[..., None, None] * jnp.eye(k.shape[-1], dtype=k.dtype)
-         - jnp.einsum("bnhck,bnhcj->bnhkj", k_end, W))
+    S_loc = jnp.einsum("bnhck,bnhcv->bnhkv", k_end, U)
+    M = d[..., None, None] * jnp.eye(k.shape[-1], dtype=k.dtype) - jnp.einsum("bnhck,bnhcj->bnhkj", k_end, W)
 
     def across(S_in, xs):
         M_c, S_loc_c = xs
         return jnp.einsum("bhkj,bhjv->bhkv", M_c, S_in) + S_loc_c, S_in
 
-    S_final, S_in = lax.scan(across, p.S0, (jnp.moveaxis(M, 1, 0), jnp.moveaxis(S_loc, 1, 0)))
+    S_final, S_in = lax.scan(across, S0, (jnp.moveaxis(M, 1, 0), jnp.moveaxis(S_loc, 1, 0)))
     S_in = jnp.moveaxis(S_in, 0, 1)                                      # [B, N, H, K, V]
     u = U - jnp.einsum("bnhck,bnhkv->bnhcv", W, S_in)                    # [B, N, H, C, V]
-    o = (jnp.einsum("bnhts,bnhsv->bnhtv", qk * decay_read, u)
-         + jnp.einsum("bnhck,bnhkv->bnhcv", q * from_start[..., None], S_in))
-    o = jnp.moveaxis(o, 3, 2).reshape(batch, n * chunk, heads, -1)[:, :time]
-    return o, S_final
+    o = (jnp.einsum("bnhts,bnhsv->bnhtv", qk * decay, u)
+         + jnp.einsum("bnhck,bnhkv->bnhcv", q * e[..., None], S_in))
+    return (o, S_final), (q, k, v, beta, decay, e, r, d, T, W, u, S_in, M, qk, kk)
+
+
+def _strictly_lower(c: int):
+    return jnp.tril(jnp.ones((c, c), bool), -1)
+
+
+@jax.custom_vjp
+def _chunk_core(q, k, v, beta, decay, e, r, d, S0):
+    """(o [B, N, H, C, V], S_final [B, H, K, V]) of the chunks laid out by ``chunked``."""
+    return _core_forward(q, k, v, beta, decay, e, r, d, S0)[0]
+
+
+def _core_backward(residuals, cotangents):
+    q, k, v, beta, decay, e, r, d, T, W, u, S_in, M, qk, kk = residuals
+    do, dS_final = cotangents
+    # o = P u + (e q) S_in with P = qk Γ, and S_out = d S_in + k_endᵀ u. So with G the cotangent of a
+    # chunk's S_out: du = Pᵀ do + k_end G, and the cotangent of S_in is Mᵀ G + R, where
+    # R = (e q)ᵀ do - Wᵀ Pᵀ do needs no G: all chunks at once, and the reverse scan is Mᵀ G + R.
+    du_local = jnp.einsum("bnhts,bnhtv->bnhsv", qk * decay, do)
+    R = (jnp.einsum("bnhck,bnhcv->bnhkv", q * e[..., None], do)
+         - jnp.einsum("bnhck,bnhcv->bnhkv", W, du_local))
+
+    def back(G, xs):
+        M_c, R_c = xs
+        return jnp.einsum("bhjk,bhjv->bhkv", M_c, G) + R_c, G
+
+    dS0, G = lax.scan(back, dS_final, (jnp.moveaxis(M, 1, 0), jnp.moveaxis(R, 1, 0)), reverse=True)
+    G = jnp.moveaxis(G, 0, 1)                                            # [B, N, H, K, V]: dS_out
+    du = du_local + jnp.einsum("bnhck,bnhkv->bnhcv", k * r[..., None], G)
+    dW = -jnp.einsum("bnhcv,bnhkv->bnhck", du, S_in)
+    dk_end = jnp.einsum("bnhcv,bnhkv->bnhck", u, G)
+    dd = jnp.sum(S_in * G, axis=(-2, -1))
+    dP = jnp.einsum("bnhtv,bnhsv->bnhts", do, u)
+    dqk = dP * decay
+    ddecay = dP * qk
+    do_S = jnp.einsum("bnhcv,bnhkv->bnhck", do, S_in)                   # do S_inᵀ
+    dq = jnp.einsum("bnhts,bnhsk->bnhtk", dqk, k) + e[..., None] * do_S
+    de = jnp.sum(q * do_S, axis=-1)
+    dk = jnp.einsum("bnhts,bnhtk->bnhsk", dqk, q) + r[..., None] * dk_end
+    dr = jnp.sum(k * dk_end, axis=-1)
+    # U = T diag(β) V and W = T diag(β e) K.
+    dU_rhs = jnp.einsum("bnhts,bnhtv->bnhsv", T, du)                     # Tᵀ dU
+    dW_rhs = jnp.einsum("bnhts,bnhtk->bnhsk", T, dW)
+    k_dW_rhs = jnp.sum(k * dW_rhs, axis=-1)
+    dv = beta[..., None] * dU_rhs
+    dbeta = jnp.sum(v * dU_rhs, axis=-1) + e * k_dW_rhs
+    dk = dk + (beta * e)[..., None] * dW_rhs
+    de = de + beta * k_dW_rhs
+    dT = (jnp.einsum("bnhtv,bnhsv->bnhts", du, v * beta[..., None])
+          + jnp.einsum("bnhtk,bnhsk->bnhts", dW, k * (beta * e)[..., None]))
+    # T = (I + A)⁻¹: dA = -Tᵀ dT Tᵀ on A's strictly lower triangle; A = (k kᵀ) Γ β_t there.
+    dA = jnp.where(_strictly_lower(q.shape[-2]),
+                   -jnp.einsum("bnhjt,bnhjk,bnhsk->bnhts", T, dT, T), 0)
+    dkk = dA * decay * beta[..., :, None]
+    ddecay = ddecay + dA * kk * beta[..., :, None]
+    dbeta = dbeta + jnp.sum(dA * kk * decay, axis=-1)
+    dk = dk + jnp.einsum("bnhts,bnhsk->bnhtk", dkk + jnp.swapaxes(dkk, -1, -2), k)
+    return dq, dk, dv, dbeta, ddecay, de, dr, dd, dS0
+
+
+_chunk_core.defvjp(_core_forward, _core_backward)
