@@ -21,10 +21,9 @@ so with the strictly lower triangular ``A[t, s] = β_t exp(L[t, s]) (k_t · k_s)
 (S. Yang et al., "Parallelizing Linear Transformers with the Delta Rule over Sequence Length",
 NeurIPS 2024, §3; with the decays folded in as in S. Yang et al., "Gated Delta Networks", ICLR 2025,
 §3.3, and FLA's ``chunk_gated_delta_rule``). U, W and the scores are computed for all chunks at
-once, and so is each chunk's affine map of its entering state, ``S_out = M S_in + S_loc``; only
-that map runs in the scan over chunks, and ``u = U - W S_in`` and the read-out follow for all
-chunks at once. The gradient of that linear algebra is written out (``_core_backward``); autodiff
-carries it from the decays back to g.
+once; only ``u = U - W S_in`` and the state update run in the scan over chunks, and the read-out
+follows for all chunks at once. The gradient of that linear algebra is written out
+(``_core_backward``); autodiff carries it from the decays back to g.
 
 Numerics are those of ``zoo/ops/matrix_chunks.py``: every log decay is a direct (segment) sum over its
 own steps, never a difference of cumulative sums and never positive for log decays <= 0, so decays
@@ -176,9 +175,9 @@ def chunked(p: Problem, chunk: int):
 # q, k [C, K], v [C, V], β [C], and the decays as ``chunked`` builds them from g (so autodiff carries
 # their gradients back to g): Γ = decay_read [C, C] (exp(L[t, s]) for s <= t in one segment, else 0),
 # e = from_start [C], r = to_end [C], d = decay_end []. The state passes through the scan over chunks.
-# Written out rather than left to autodiff: its backward takes fewer matmuls (K Kᵀ's cotangent is one
-# product with the symmetrised dkk; the chunk-to-chunk scan carries only dS, no [K, K] dM per chunk)
-# and no copies of sliced cotangents: fwd + bwd 217 -> 190 ms (experiments/bench/delta_chunked.py).
+# Written out rather than left to autodiff, forward and backward compile to 15 full-size [C, C] or
+# [C, K] products where autodiff's took 27 (the identities are at each step below): fwd + bwd
+# 217 -> 137 ms for the plain delta rule in experiments/bench/delta_chunked.py's shape.
 
 
 def _core_forward(q, k, v, beta, decay, e, r, d, S0):
@@ -190,22 +189,21 @@ def _core_forward(q, k, v, beta, decay, e, r, d, S0):
     U = jnp.einsum("bnhts,bnhsd->bnhtd", T, v * beta[..., None])        # [B, N, H, C, V]
     W = jnp.einsum("bnhts,bnhsd->bnhtd", T, k * (beta * e)[..., None])  # [B, N, H, C, K]
     k_end = k * r[..., None]
-    # Each chunk maps its entering state affinely, S_out = M S_in + S_loc = d S_in + Σ_s r_s k_s u_sᵀ
-    # with u = U - W S_in, i.e. M = d I - Σ_s r_s k_s w_sᵀ [K, K] and S_loc = Σ_s r_s k_s U_sᵀ:
-    # built for all chunks at once, so the scan does one [K, K] x [K, V] matmul per chunk.
-    S_loc = jnp.einsum("bnhck,bnhcv->bnhkv", k_end, U)
-    M = d[..., None, None] * jnp.eye(k.shape[-1], dtype=k.dtype) - jnp.einsum("bnhck,bnhcj->bnhkj", k_end, W)
 
+    # The scan over chunks: u = U - W S_in, then S_out = d S_in + Σ_s r_s k_s u_sᵀ, two [C, K] x [K, V]
+    # products per chunk. (Mapping each chunk's S_in affinely, S_out = M S_in + S_loc, with M and S_loc
+    # built for all chunks at once, leaves one [K, K] x [K, V] product in the scan but takes three
+    # full-size products outside it: 6% slower fwd + bwd.)
     def across(S_in, xs):
-        M_c, S_loc_c = xs
-        return jnp.einsum("bhkj,bhjv->bhkv", M_c, S_in) + S_loc_c, S_in
+        U_c, W_c, k_end_c, d_c = xs
+        u_c = U_c - jnp.einsum("bhck,bhkv->bhcv", W_c, S_in)
+        return d_c[..., None, None] * S_in + jnp.einsum("bhck,bhcv->bhkv", k_end_c, u_c), (u_c, S_in)
 
-    S_final, S_in = lax.scan(across, S0, (jnp.moveaxis(M, 1, 0), jnp.moveaxis(S_loc, 1, 0)))
-    S_in = jnp.moveaxis(S_in, 0, 1)                                      # [B, N, H, K, V]
-    u = U - jnp.einsum("bnhck,bnhkv->bnhcv", W, S_in)                    # [B, N, H, C, V]
+    S_final, (u, S_in) = lax.scan(across, S0, tuple(jnp.moveaxis(x, 1, 0) for x in (U, W, k_end, d)))
+    u, S_in = jnp.moveaxis(u, 0, 1), jnp.moveaxis(S_in, 0, 1)           # [B, N, H, C, V], [B, N, H, K, V]
     o = (jnp.einsum("bnhts,bnhsv->bnhtv", qk * decay, u)
          + jnp.einsum("bnhck,bnhkv->bnhcv", q * e[..., None], S_in))
-    return (o, S_final), (q, k, v, beta, decay, e, r, d, T, W, u, S_in, M, qk, kk)
+    return (o, S_final), (q, k, v, beta, decay, e, r, d, T, W, u, S_in, qk, kk)
 
 
 def _strictly_lower(c: int):
@@ -219,23 +217,24 @@ def _chunk_core(q, k, v, beta, decay, e, r, d, S0):
 
 
 def _core_backward(residuals, cotangents):
-    q, k, v, beta, decay, e, r, d, T, W, u, S_in, M, qk, kk = residuals
+    q, k, v, beta, decay, e, r, d, T, W, u, S_in, qk, kk = residuals
     do, dS_final = cotangents
     # o = P u + (e q) S_in with P = qk Γ, and S_out = d S_in + k_endᵀ u. So with G the cotangent of a
-    # chunk's S_out: du = Pᵀ do + k_end G, and the cotangent of S_in is Mᵀ G + R, where
-    # R = (e q)ᵀ do - Wᵀ Pᵀ do needs no G: all chunks at once, and the reverse scan is Mᵀ G + R.
+    # chunk's S_out: du = Pᵀ do + k_end G, and S_in's cotangent (G of the chunk before) is
+    # d G + (e q)ᵀ do - Wᵀ du. The parts without G are products over all chunks at once; the reverse
+    # scan adds the two that need it.
     du_local = jnp.einsum("bnhts,bnhtv->bnhsv", qk * decay, do)
-    R = (jnp.einsum("bnhck,bnhcv->bnhkv", q * e[..., None], do)
-         - jnp.einsum("bnhck,bnhcv->bnhkv", W, du_local))
+    read_in = jnp.einsum("bnhck,bnhcv->bnhkv", q * e[..., None], do)
+    k_end = k * r[..., None]
 
     def back(G, xs):
-        M_c, R_c = xs
-        return jnp.einsum("bhjk,bhjv->bhkv", M_c, G) + R_c, G
+        du_c, read_in_c, W_c, k_end_c, d_c = xs
+        du_c = du_c + jnp.einsum("bhck,bhkv->bhcv", k_end_c, G)
+        return d_c[..., None, None] * G + read_in_c - jnp.einsum("bhck,bhcv->bhkv", W_c, du_c), (du_c, G)
 
-    dS0, G = lax.scan(back, dS_final, (jnp.moveaxis(M, 1, 0), jnp.moveaxis(R, 1, 0)), reverse=True)
-    G = jnp.moveaxis(G, 0, 1)                                            # [B, N, H, K, V]: dS_out
-    du = du_local + jnp.einsum("bnhck,bnhkv->bnhcv", k * r[..., None], G)
-    dW = -jnp.einsum("bnhcv,bnhkv->bnhck", du, S_in)
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (du_local, read_in, W, k_end, d))
+    dS0, (du, G) = lax.scan(back, dS_final, xs, reverse=True)
+    du, G = jnp.moveaxis(du, 0, 1), jnp.moveaxis(G, 0, 1)               # G: [B, N, H, K, V], dS_out
     dk_end = jnp.einsum("bnhcv,bnhkv->bnhck", u, G)
     dd = jnp.sum(S_in * G, axis=(-2, -1))
     dP = jnp.einsum("bnhtv,bnhsv->bnhts", do, u)
@@ -247,18 +246,19 @@ def _core_backward(residuals, cotangents):
     dk = jnp.einsum("bnhts,bnhtk->bnhsk", dqk, q) + r[..., None] * dk_end
     dr = jnp.sum(k * dk_end, axis=-1)
     # U = T diag(β) V and W = T diag(β e) K.
+    # u = U - W S_in gives dU = du and dW = -du S_inᵀ, so Tᵀ dW = -(Tᵀ du) S_inᵀ: dW is never formed.
     dU_rhs = jnp.einsum("bnhts,bnhtv->bnhsv", T, du)                     # Tᵀ dU
-    dW_rhs = jnp.einsum("bnhts,bnhtk->bnhsk", T, dW)
+    dW_rhs = -jnp.einsum("bnhcv,bnhkv->bnhck", dU_rhs, S_in)             # Tᵀ dW
     k_dW_rhs = jnp.sum(k * dW_rhs, axis=-1)
     dv = beta[..., None] * dU_rhs
     dbeta = jnp.sum(v * dU_rhs, axis=-1) + e * k_dW_rhs
     dk = dk + (beta * e)[..., None] * dW_rhs
     de = de + beta * k_dW_rhs
-    dT = (jnp.einsum("bnhtv,bnhsv->bnhts", du, v * beta[..., None])
-          + jnp.einsum("bnhtk,bnhsk->bnhts", dW, k * (beta * e)[..., None]))
-    # T = (I + A)⁻¹: dA = -Tᵀ dT Tᵀ on A's strictly lower triangle; A = (k kᵀ) Γ β_t there.
-    dA = jnp.where(_strictly_lower(q.shape[-2]),
-                   -jnp.einsum("bnhjt,bnhjk,bnhsk->bnhts", T, dT, T), 0)
+    # T = (I + A)⁻¹ gives dA = -Tᵀ dT Tᵀ on A's strictly lower triangle, with dT = dU (β V)ᵀ +
+    # dW (β e K)ᵀ. As T (β V) = U and T (β e K) = W, that is -(Tᵀ dU) Uᵀ - (Tᵀ dW) Wᵀ
+    # = -(Tᵀ du) (U - W S_in)ᵀ = -(Tᵀ du) uᵀ: one product where autodiff takes four.
+    # A = (k kᵀ) Γ β_t there.
+    dA = jnp.where(_strictly_lower(q.shape[-2]), -jnp.einsum("bnhtv,bnhsv->bnhts", dU_rhs, u), 0)
     dkk = dA * decay * beta[..., :, None]
     ddecay = ddecay + dA * kk * beta[..., :, None]
     dbeta = dbeta + jnp.sum(dA * kk * decay, axis=-1)
