@@ -37,7 +37,8 @@ Public API::
 Modes (all equal ``reference`` in values and, by autodiff, in gradients):
 
 * ``"chunked"`` (``"auto"``): the WY / UT form of ``zoo/ops/delta_chunks.py``: per chunk of C steps
-  (default 64) one unit-triangular solve and matmuls, then a scan over the T / C chunks.
+  (default 32; 64 for the Pallas kernel) one unit-triangular solve and matmuls, then a scan over the
+  T / C chunks.
 * ``"sequential"``: a scan over time carrying the [K, V] state per head.
 
 ``implementation`` ("xla", "pallas" or a list tried in turn; None: Pallas on GPU/TPU when
@@ -60,6 +61,7 @@ from zoo.ops._time import check_reset, reset_for_reverse
 from zoo.ops.delta_chunks import DEFAULT_CHUNK, Problem, chunked
 
 MODES = ("chunked", "sequential")
+PALLAS_CHUNK = 64       # pallas_kernels.chunked_delta's default chunk (FLA's); XLA's is DEFAULT_CHUNK
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,22 +117,24 @@ def _prepare(q, k, v, beta, log_decay, scale, initial_state, reset, reverse, tim
     scale = dk ** -0.5 if scale is None else scale
     q = q.astype(acc) * scale
     k, v, beta = k.astype(acc), v.astype(acc), beta.astype(acc)
-    g = jnp.zeros((batch, time, heads), acc) if log_decay is None else log_decay.astype(acc)
+    g = None if log_decay is None else log_decay.astype(acc)
     if initial_state is None:
         S0 = jnp.zeros((batch, heads, dk, v.shape[-1]), acc)
     else:
         S0 = initial_state.astype(acc)
     reset = None if reset is None else jnp.asarray(reset).astype(bool)
     if reverse:
-        q, k, v, beta, g = (jnp.flip(x, axis=1) for x in (q, k, v, beta, g))
+        q, k, v, beta, g = (None if x is None else jnp.flip(x, axis=1) for x in (q, k, v, beta, g))
         reset = reset_for_reverse(reset)
     return Problem(q, k, v, beta, g, reset, S0)
 
 
 def _delta_step(S, q_t, k_t, v_t, beta_t, g_t):
     """One step for all heads: S [B, H, K, V]; q_t, k_t [B, H, K]; v_t [B, H, V]; beta_t, g_t [B, H].
-    Decay, then correct the decayed memory's prediction for k_t towards v_t (FLA's recurrent form)."""
-    S = jnp.exp(g_t)[..., None, None] * S
+    Decay (g_t None: none), then correct the decayed memory's prediction for k_t towards v_t (FLA's
+    recurrent form)."""
+    if g_t is not None:
+        S = jnp.exp(g_t)[..., None, None] * S
     error = v_t - jnp.einsum("bhk,bhkv->bhv", k_t, S)
     S = S + k_t[..., :, None] * (beta_t[..., None] * error)[..., None, :]
     return S, jnp.einsum("bhk,bhkv->bhv", q_t, S)
@@ -181,7 +185,7 @@ def apply(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None, rese
     unsupported = _pallas_unsupported(q, k, v, beta, log_decay, initial_state, chunk_size)
     if use_pallas(who, implementation, requested_mode, unsupported):
         return _pallas(q, k, v, beta, log_decay, initial_state, reset, scale, bool(reverse),
-                       chunk_size or DEFAULT_CHUNK)
+                       chunk_size or PALLAS_CHUNK)
     return _apply(q, k, v, beta, log_decay, initial_state, reset, scale=scale, reverse=bool(reverse),
                   mode=mode, chunk=chunk)
 
@@ -215,7 +219,8 @@ def _pallas_unsupported(q, k, v, beta, log_decay, initial_state, chunk_size):
 @functools.partial(jax.jit, static_argnames=("scale",))
 def _step(state, q_t, k_t, v_t, beta_t, log_decay_t, *, scale):
     p = _prepare(q_t, k_t, v_t, beta_t, log_decay_t, scale, state, None, False, time_axis=False)
-    S, o_t = _delta_step(p.S0, p.q[:, 0], p.k[:, 0], p.v[:, 0], p.beta[:, 0], p.g[:, 0])
+    g_t = None if p.g is None else p.g[:, 0]
+    S, o_t = _delta_step(p.S0, p.q[:, 0], p.k[:, 0], p.v[:, 0], p.beta[:, 0], g_t)
     return S, o_t.astype(v_t.dtype)
 
 
@@ -242,7 +247,7 @@ def reference(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None, 
             S = jnp.where(p.reset[:, t, None, None, None], jnp.zeros_like(S), S)
         k_t, beta_t = p.k[:, t], p.beta[:, t, :, None, None]
         projection = eye - beta_t * k_t[..., :, None] * k_t[..., None, :]          # I - β k kᵀ
-        transition = jnp.exp(p.g[:, t])[..., None, None] * projection
+        transition = projection if p.g is None else jnp.exp(p.g[:, t])[..., None, None] * projection
         S = transition @ S + beta_t * k_t[..., :, None] * p.v[:, t, :, None, :]
         outs.append(jnp.einsum("bhk,bhkv->bhv", p.q[:, t], S))
     o = jnp.stack(outs, axis=1)

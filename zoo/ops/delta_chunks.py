@@ -45,9 +45,10 @@ from jax import lax
 
 from zoo.ops.matrix_chunks import _masked_exp, _shift_up, cumsum, segsum
 
-# FLA's chunk. On XLA:CPU (B=2, T=4096, H=4, K=V=64, forward + backward) chunks of 32 and 64 run
-# within the noise of a shared machine of each other, 16 and 128 slower (experiments/bench/delta_chunked.py).
-DEFAULT_CHUNK = 64
+# The XLA modes' chunk. On XLA:CPU (B=2, T=4096, H=4, K=V=64, forward + backward, with the written-out
+# backward below) chunks of 32 beat 64 by 3-10% (fwd alone by 15%) and 16 is 40% slower
+# (experiments/bench/delta_chunked.py). The Pallas kernel keeps FLA's 64 (``delta.PALLAS_CHUNK``).
+DEFAULT_CHUNK = 32
 
 
 class Problem(NamedTuple):
@@ -57,7 +58,7 @@ class Problem(NamedTuple):
     k: jax.Array            # [B, T, H, K]
     v: jax.Array            # [B, T, H, V]
     beta: jax.Array         # [B, T, H]
-    g: jax.Array            # [B, T, H]      log decays (zeros for the plain delta rule)
+    g: Any                  # [B, T, H]      log decays, or None for the plain delta rule (no decay)
     reset: Any              # bool [B, T] or None
     S0: jax.Array           # [B, H, K, V]
 
@@ -71,7 +72,8 @@ def _pad_time(p: Problem, pad: int) -> Problem:
         return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
 
     reset = None if p.reset is None else grow(p.reset, False)
-    return p._replace(q=grow(p.q), k=grow(p.k), v=grow(p.v), beta=grow(p.beta), g=grow(p.g), reset=reset)
+    g = None if p.g is None else grow(p.g)
+    return p._replace(q=grow(p.q), k=grow(p.k), v=grow(p.v), beta=grow(p.beta), g=g, reset=reset)
 
 
 def _segments(reset, batch: int, n: int, chunk: int):
@@ -141,6 +143,19 @@ def _unit_lower_inverse_bwd(T, cotangent):
 unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
+def _decays(g, same, keep_start, keep_in, at_end):
+    """The decays a chunk applies, from its log decays g [B, N, H, C]: exp(L[t, s]) [.., C, C] (s <= t
+    in one segment), exp(b_t) from the chunk's start [.., C], exp(L[C-1, s]) to its end [.., C], and
+    exp(b_{C-1}) over all of it [B, N, H]; zero where the masks cut the path."""
+    L = segsum(g, axis=3)                                                # [B, N, H, C(t), C(s)]
+    decay_read = _masked_exp(L, same)                                    # exp(L[t, s]), s <= t
+    b = cumsum(g, axis=3)                                                # [B, N, H, C]
+    from_start = _masked_exp(b, keep_start)                              # exp(b_t) where S_in reaches t
+    to_end = _masked_exp(_shift_up(cumsum(g, axis=3, reverse=True), axis=3), at_end)   # exp(L[C-1, s])
+    decay_end = _masked_exp(b[..., -1], keep_in)                         # [B, N, H]
+    return decay_read, from_start, to_end, decay_end
+
+
 def chunked(p: Problem, chunk: int):
     """(o [B, T, H, V], S_final [B, H, K, V])."""
     batch, time, heads, _ = p.q.shape
@@ -152,19 +167,22 @@ def chunked(p: Problem, chunk: int):
         return jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 2, 3)
 
     q, k, v = chunks(p.q), chunks(p.k), chunks(p.v)                      # [B, N, H, C, K|V]
-    beta, g = chunks(p.beta[..., None])[..., 0], chunks(p.g[..., None])[..., 0]      # [B, N, H, C]
+    beta = chunks(p.beta[..., None])[..., 0]                             # [B, N, H, C]
     same, fresh = _segments(p.reset, batch, n, chunk)
     keep_start = ~fresh                                                  # S_in reaches step t
     keep_in = ~fresh[..., -1]                                            # S_in reaches the chunk end
     at_end = same[..., -1, :]                                            # s reaches the chunk end
+    if p.g is None:           # the plain delta rule: every decay is 1 where the masks let a term through
 
-    L = segsum(g, axis=3)                                                # [B, N, H, C(t), C(s)]
-    decay_read = _masked_exp(L, same)                                    # exp(L[t, s]), s <= t
-    b = cumsum(g, axis=3)                                                # [B, N, H, C]
-    from_start = _masked_exp(b, keep_start)                              # exp(b_t) where S_in reaches t
-    to_end = _masked_exp(_shift_up(cumsum(g, axis=3, reverse=True), axis=3), at_end)   # exp(L[C-1, s])
-    decay_end = _masked_exp(b[..., -1], keep_in)                         # [B, N, H]
+        def mask(keep, shape):
+            return jnp.broadcast_to(keep, shape).astype(q.dtype)
 
+        decay_read = mask(same, beta.shape + (chunk,))
+        from_start, to_end = mask(keep_start, beta.shape), mask(at_end, beta.shape)
+        decay_end = mask(keep_in, beta.shape[:-1])
+    else:
+        decay_read, from_start, to_end, decay_end = _decays(chunks(p.g[..., None])[..., 0], same, keep_start,
+                                                            keep_in, at_end)
     o, S_final = _chunk_core(q, k, v, beta, decay_read, from_start, to_end, decay_end, p.S0)
     o = jnp.moveaxis(o, 3, 2).reshape(batch, n * chunk, heads, -1)[:, :time]
     return o, S_final
