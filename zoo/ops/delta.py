@@ -37,8 +37,7 @@ Public API::
 Modes (all equal ``reference`` in values and, by autodiff, in gradients):
 
 * ``"chunked"`` (``"auto"``): the WY / UT form of ``zoo/ops/delta_chunks.py``: per chunk of C steps
-  (default 32; 64 for the Pallas kernel) one unit-triangular solve and matmuls, then a scan over the
-  T / C chunks.
+  (default 64) one unit-triangular solve and matmuls, then a scan over the T / C chunks.
 * ``"sequential"``: a scan over time carrying the [K, V] state per head.
 
 ``implementation`` ("xla", "pallas" or a list tried in turn; None: Pallas on GPU/TPU when
@@ -61,7 +60,6 @@ from zoo.ops._time import check_reset, reset_for_reverse
 from zoo.ops.delta_chunks import DEFAULT_CHUNK, Problem, chunked
 
 MODES = ("chunked", "sequential")
-PALLAS_CHUNK = 64       # pallas_kernels.chunked_delta's default chunk (FLA's); XLA's is DEFAULT_CHUNK
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +183,7 @@ def apply(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None, rese
     unsupported = _pallas_unsupported(q, k, v, beta, log_decay, initial_state, chunk_size)
     if use_pallas(who, implementation, requested_mode, unsupported):
         return _pallas(q, k, v, beta, log_decay, initial_state, reset, scale, bool(reverse),
-                       chunk_size or PALLAS_CHUNK)
+                       chunk_size or DEFAULT_CHUNK)
     return _apply(q, k, v, beta, log_decay, initial_state, reset, scale=scale, reverse=bool(reverse),
                   mode=mode, chunk=chunk)
 

@@ -45,10 +45,9 @@ from jax import lax
 
 from zoo.ops.matrix_chunks import _masked_exp, _shift_up, cumsum, segsum
 
-# The XLA modes' chunk. On XLA:CPU (B=2, T=4096, H=4, K=V=64, forward + backward, with the written-out
-# backward below) chunks of 32 beat 64 by 3-10% (fwd alone by 15%) and 16 is 40% slower
-# (experiments/bench/delta_chunked.py). The Pallas kernel keeps FLA's 64 (``delta.PALLAS_CHUNK``).
-DEFAULT_CHUNK = 32
+# FLA's chunk. On XLA:CPU (B=2, T=4096, H=4, K=V=64, forward + backward) chunks of 64 run as fast as
+# 32 or up to 15% faster (four runs of experiments/bench/delta_chunked.py), 16 is 40% slower.
+DEFAULT_CHUNK = 64
 
 
 class Problem(NamedTuple):
