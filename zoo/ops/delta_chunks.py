@@ -89,7 +89,6 @@ def _segments(reset, batch: int, n: int, chunk: int):
     return same[:, :, None], fresh[:, :, None]
 
 
-@jax.custom_vjp
 def unit_lower_inverse(A):
     """(I + A)⁻¹ for strictly lower triangular A [..., C, C], by doubling the size of the inverted
     diagonal blocks (1, 2, 4, ... then C, padded to a power of two): with the inverses T₀, T₁ of
@@ -99,8 +98,8 @@ def unit_lower_inverse(A):
 
     so every level is two batched matmuls (FLA's ``solve_tril`` merges 16 x 16 blocks the same way).
     Exact to rounding like a forward substitution, but with matmuls instead of C dependent steps:
-    XLA:CPU's batched ``triangular_solve`` runs ~10x slower on these shapes. The gradient is the
-    closed form of the inverse's derivative (``_unit_lower_inverse_bwd``)."""
+    XLA:CPU's batched ``triangular_solve`` runs ~10x slower on these shapes. Not differentiated:
+    ``_core_backward`` takes dA = -(Tᵀ du) uᵀ from T itself."""
     c = A.shape[-1]
     size = 1 << max(c - 1, 0).bit_length()
     if size != c:
@@ -111,7 +110,7 @@ def unit_lower_inverse(A):
     while s < size:
         pairs = size // (2 * s)
         # A's block (2j + 1, 2j) for each pair j: the row half 1 and column half 0 of the pair, picked
-        # off the diagonal of pairs by a mask and a sum (a gather's gradient is a slow scatter).
+        # off the diagonal of pairs by a mask and a sum (one fused loop, no gather).
         split = A.reshape(*lead, pairs, 2, s, pairs, 2, s)[..., :, 1, :, :, 0, :]      # [.., j, s, j', s]
         same_pair = np.eye(pairs, dtype=bool)[:, None, :, None]
         between = jnp.sum(jnp.where(same_pair, split, 0), axis=-2)                     # [.., j, s, s]
@@ -131,24 +130,6 @@ def _block_product(x, y):
     if x.shape[-1] >= 16:
         return jnp.einsum("...ij,...jk->...ik", x, y)
     return jnp.sum(x[..., :, :, None] * y[..., None, :, :], axis=-2)
-
-
-def _unit_lower_inverse_fwd(A):
-    T = unit_lower_inverse(A)
-    return T, T
-
-
-def _unit_lower_inverse_bwd(T, cotangent):
-    # d(I + A)⁻¹ = -T dA T, so the gradient is -Tᵀ dT Tᵀ on the strictly lower triangle (the only
-    # entries of A that are read): two matmuls, where autodiff through the doubling levels costs
-    # several times the forward pass.
-    Tt = jnp.swapaxes(T, -1, -2)
-    grad = -jnp.einsum("...ij,...jk,...kl->...il", Tt, cotangent, Tt)
-    c = T.shape[-1]
-    return (jnp.where(jnp.tril(jnp.ones((c, c), bool), -1), grad, 0),)
-
-
-unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
 def _decays(g, same, keep_start, keep_in, at_end):
