@@ -242,6 +242,13 @@ def test_gated_deltanet_parameter_count_state_shapes_and_decay_init():
     dt = softplus(np.asarray(big["dt_bias"], np.float64))
     assert np.all((a > 0) & (a <= 16 + 1e-5)) and a.max() > 8 and a.min() < 8
     assert np.all((dt >= 1e-4 * (1 - 1e-5)) & (dt <= 0.1 * (1 + 1e-5)))
+    # a_init_range moves A's range and nothing else; at low = 0 no head is drawn without decay.
+    slow = zoo.get("gated_deltanet", n_heads=64, a_init_range=(0.0, 1.0)).init(jax.random.key(1), D_IN)
+    a_slow = np.exp(np.asarray(slow["a_log"], np.float64))
+    assert np.all((a_slow > 0) & (a_slow <= 1 + 1e-6)) and a_slow.max() > 0.5 and a_slow.min() < 0.5
+    assert all(np.array_equal(slow[k], big[k]) for k in big if k != "a_log")
+    fixed = zoo.get("gated_deltanet", n_heads=4, a_init_range=(2.0, 2.0)).init(jax.random.key(1), D_IN)
+    np.testing.assert_allclose(np.exp(np.asarray(fixed["a_log"])), 2.0, rtol=1e-6)
 
 
 def test_longhorn_parameter_count_state_shapes_and_decay_range():
@@ -278,6 +285,10 @@ def test_longhorn_parameter_count_state_shapes_and_decay_range():
     ("gated_deltanet", {"expand_v": 0.3}, "expand_v"),
     ("gated_deltanet", {"d_head": 0}, "d_head"),
     ("gated_deltanet", {"norm_eps": -1.0}, "norm_eps"),
+    ("gated_deltanet", {"a_init_range": (1.0, 0.5)}, "a_init_range"),
+    ("gated_deltanet", {"a_init_range": (-1.0, 2.0)}, "a_init_range"),
+    ("gated_deltanet", {"a_init_range": (0.0, 0.0)}, "a_init_range"),
+    ("gated_deltanet", {"a_init_range": (1.0,)}, "a_init_range"),
     ("longhorn", {"d_state": 0}, "d_state"),
     ("longhorn", {"dt_rank": 0}, "dt_rank"),
     ("longhorn", {"expand": 1.5}, "expand"),

@@ -32,14 +32,29 @@ FAMILIES = {
 }
 # --quick trains one model per family at one width
 QUICK_FAMILIES = {"linear attention": ("linear_transformer",), "SSM": ("lru",), "delta rule": ("deltanet",)}
+# Models trained again with fields that differ from their defaults, as (row label, model, fields): the
+# decay init. In probes at d_model 32 (seed 0, 2 heads of key width 16), gated_deltanet with FLA's A in
+# (0, 16] stayed at chance (held-out loss ln 32); with A in (0, 1] it reached 0.73, and with A = 0.01 in
+# every head (no decay to speak of) 0.998. The variant row shows how much of its gap to deltanet is the
+# init.
+# mamba2 (mamba_ssm's A in [1, 16)) at d_model 32, seed 0: 0.11 by default, 0.37 with A in [0.01, 1).
+VARIANTS = {
+    "SSM": (("mamba2, A in [0.01, 1)", "mamba2", {"a_init_range": (0.01, 1.0)}),),
+    "delta rule": (("gated_deltanet, A in (0, 1]", "gated_deltanet", {"a_init_range": (0.0, 1.0)}),),
+}
 WIDTHS = (16, 32, 64)
 QUICK_WIDTHS = (8,)
 
 
 def width_config(model: str, d_model: int) -> dict:
     """Model config fields that make the state grow with ``d_model`` (heads of a fixed size, LRU's width)."""
-    if model in ("linear_transformer", "retnet", "gated_deltanet"):
+    if model in ("linear_transformer", "retnet"):
         return {"n_heads": max(1, d_model // 8)}        # d_head stays 8
+    if model == "gated_deltanet":
+        # deltanet's heads: 2, of key width d_model / 2. With heads of key width 8, both delta-rule
+        # models stayed near chance at d_model 32 (seed 0, with the output gate: deltanet 0.12,
+        # gated_deltanet 0.06).
+        return {"n_heads": 2, "d_head": max(1, d_model // 2)}
     if model == "lru":
         return {"d_state": d_model}
     if model == "mamba":
@@ -78,24 +93,29 @@ def main(argv=None) -> str:
     models = zoo.list_models()
     began = time.perf_counter()
     rows = []
-    runs: list[R.RunResult] = []
+    runs: list[tuple[str, R.RunResult]] = []       # (row label, run)
     families = QUICK_FAMILIES if args.quick else FAMILIES
     for family, names in families.items():
-        for model in names:
+        variants = () if args.quick else VARIANTS.get(family, ())
+        entries = [(model, model, {}) for model in names] + list(variants)
+        for label, model, fields in entries:
             for width in widths:
-                config = width_config(model, width)
+                config = {**width_config(model, width), **fields}
                 state = models[model].state_size(d_model=width, **config) * shared["n_layers"]
                 overrides = {**shared, "d_model": width,
                              **{f"model_config.{k}": v for k, v in config.items()}}
-                done = [R.train_one(model, TASK, overrides, seed=seed, label=f"{model}-d{width}",
+                run_label = f"{model}{run_suffix(fields)}-d{width}"
+                done = [R.train_one(model, TASK, overrides, seed=seed, label=run_label,
                                     runs_dir=args.runs, full_eval=True) for seed in seeds]
-                runs += done
-                print(f"{NAME}: {model} d_model {width} (state {state}): accuracy "
+                runs += [(label, r) for r in done]
+                print(f"{NAME}: {label} d_model {width} (state {state}): accuracy "
                       f"{R.mean_std([r.metric('accuracy') for r in done])}", flush=True)
-                rows.append([family, model, width, ", ".join(f"{k}={v}" for k, v in config.items()) or "—",
+                rows.append([family, label, width, ", ".join(f"{k}={v}" for k, v in config.items()) or "—",
                              state, f"{done[0].params:,}", R.mean_std([r.metric("accuracy") for r in done]),
                              R.seconds_cell(done)])
     wall = time.perf_counter() - began
+    variant_models = [(label, model) for family in families if not args.quick
+                      for label, model, _ in VARIANTS.get(family, ())]
     rows.sort(key=lambda row: (list(FAMILIES).index(row[0]), row[4]))
     columns = ["family", "model", "d_model", "model config", "state floats per sequence (all layers)",
                "params", "MQAR accuracy (queries, whole held-out split)", "wall s"]
@@ -111,25 +131,39 @@ def main(argv=None) -> str:
         f"batch {shared['batch_size']}, {shared['steps']} steps. State size: "
         "`zoo.list_models()[name].state_size` per layer, times the layers."
     )
+    if not args.quick:
+        setting += (" The rows " + ", ".join(f"\"{label}\"" for v in VARIANTS.values() for label, _, _ in v)
+                    + " train that model again with one field changed, shown in the model config column: "
+                    "the range that A, the decay rate of each head, is drawn from at init (the defaults "
+                    "are FLA's (0, 16] for gated_deltanet and mamba_ssm's [1, 16) for mamba2).")
     if args.quick:
         setting += ("\n\n**--quick smoke setting: one model per family, a few steps of tiny models; the "
                     "numbers mean nothing.**")
     return R.publish(NAME, argv, args.out, title="MQAR: recall accuracy against state size",
                      seeds=seeds, wall=wall, hardware_line=hardware,
                      sections=[("Accuracy against state size", columns, rows)], setting=setting,
-                     paper=PAPERS_MD, notes=notes(runs, task_fields["n_pairs"], len(seeds)), runs=runs)
+                     paper=PAPERS_MD, notes=notes(runs, task_fields["n_pairs"], len(seeds), variant_models),
+                     runs=[r for _, r in runs])
 
 
-def notes(runs, n_pairs: int, n_seeds: int) -> str:
-    """What the table shows, computed from the runs: each model's best accuracy and where, and the runs
-    near 1/n_pairs, the accuracy of a guess among the values the sequence holds."""
+def run_suffix(fields: dict) -> str:
+    """The part of a variant's run folder name that its fields add: ``-a_init_range0.0_1.0``."""
+    spelled = {k: "_".join(map(str, v if isinstance(v, tuple) else (v,))) for k, v in fields.items()}
+    return "".join(f"-{k}{v}" for k, v in spelled.items())
+
+
+def notes(labelled_runs, n_pairs: int, n_seeds: int, variant_models=()) -> str:
+    """What the table shows, computed from the (row label, run) pairs: each row label's best accuracy
+    and where, the runs near 1/n_pairs (the accuracy of a guess among the values the sequence holds),
+    and for each (variant label, model) of ``variant_models`` the mean accuracy of both per width."""
     best: dict[str, R.RunResult] = {}
-    for run in runs:
-        if run.model not in best or run.metric("accuracy") > best[run.model].metric("accuracy"):
-            best[run.model] = run
+    for label, run in labelled_runs:
+        if label not in best or run.metric("accuracy") > best[label].metric("accuracy"):
+            best[label] = run
     plateau = 1 / n_pairs
-    stuck_runs = [r for r in runs if abs(r.metric("accuracy") - plateau) < 0.03]
-    stuck = sorted({r.label for r in stuck_runs})
+    stuck_labelled = [(label, r) for label, r in labelled_runs if abs(r.metric("accuracy") - plateau) < 0.03]
+    stuck_runs = [r for _, r in stuck_labelled]
+    stuck = sorted({f"{label} d{r.overrides['d_model']}" for label, r in stuck_labelled})
     mean_loss = statistics.mean(r.metric("loss") for r in stuck_runs) if stuck_runs else math.nan
     stuck_loss = (f"; their held-out loss averages {mean_loss:.3f} nats, against ln {n_pairs} = "
                   f"{math.log(n_pairs):.3f} for a uniform guess among those values" if stuck_runs else "")
@@ -140,6 +174,18 @@ def notes(runs, n_pairs: int, n_seeds: int) -> str:
         f"Runs within 0.03 of 1/n_pairs = {plateau:.3f}, the accuracy of a guess among the values the "
         f"sequence holds without recall of the key each was paired with: {', '.join(stuck) or 'none'}"
         f"{stuck_loss}."]
+    for variant, model in variant_models:
+        def mean_at(label: str, width: int) -> float | None:
+            values = [r.metric("accuracy") for lab, r in labelled_runs
+                      if lab == label and r.overrides["d_model"] == width]
+            return statistics.mean(values) if values else None
+
+        widths = sorted({r.overrides["d_model"] for lab, r in labelled_runs if lab == variant})
+        pairs = [(w, mean_at(model, w), mean_at(variant, w)) for w in widths]
+        changes = [f"d_model {w} {base:.3f} -> {changed:.3f}"
+                   for w, base, changed in pairs if base is not None]
+        lines += ["", f"Only the decay init changed, mean accuracy {model} -> \"{variant}\": "
+                  + ", ".join(changes) + "."]
     if n_seeds == 1:
         lines += ["", "One seed per point: on this task learning recall is a sudden transition late or "
                   "never within the step budget, so a single run can land either side of it; read single "
