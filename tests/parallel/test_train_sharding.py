@@ -11,6 +11,7 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -37,6 +38,12 @@ D_MODEL, MLP_RATIO = 16, 3          # swiglu hidden width 2/3 * 3 * 16 = 32: div
 # Sharding changes the order of float32 sums (gradients summed over devices, matmuls split over K):
 # differences of a few ulps per step, far inside 1e-5 after 3 Adam steps.
 TOL = 1e-5
+# Adam's eps, well above optax's 1e-8. Adam's update lr * g / (|g| + eps) turns the ulp-level difference
+# of a gradient that cancels to ~eps into a difference of order lr: griffin's w_up[15, 5] has a first
+# gradient of -1.9e-8 (the matrix's median is 2.5e-3), and with eps 1e-8 the sharded step moved it by
+# 3e-5 more than the unsharded one; on other runs a flipped sign moved the second loss by ~8e-3. With
+# eps 1e-3 the update's sensitivity to g is at most lr / eps = 10, so ulps of g stay ulps.
+ADAM_EPS = 1e-3
 RULES = default_rules(min_size=0)   # tiny test models: shard every param that divides, however small
 
 # One model of each engine family (every engine of zoo.list_models()), with tiny configs (d_model
@@ -72,7 +79,7 @@ def build(family):
     mixer, config = FAMILIES[family]
     model = SequenceModel(mixer, vocab_size=VOCAB, d_model=D_MODEL, n_layers=1, d_output=VOCAB,
                           mixer_config=config, mlp_ratio=MLP_RATIO, rngs=nnx.Rngs(0))
-    return model, nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    return model, nnx.Optimizer(model, optax.adam(1e-2, eps=ADAM_EPS), wrt=nnx.Param)
 
 
 def batches():
@@ -106,18 +113,20 @@ def plain_train_step(model, optimizer, batch):
 
 SLOW_FAMILIES = ("ssd", "lti", "fast_weights", "softmax_scan", "diagonal+softmax", "selective+softmax",
                  "softmax+nonlinear")
-# Open (seen 2026-12-06): on the (2, 2, 2) mesh, griffin and block_recurrent sometimes differ from the
-# unsharded step by ~8e-3 in the loss from the second step on (the first loss agrees), depending on
-# which tests ran before in the process; alone, or on a data-, fsdp- or tensor-only mesh, they agree
-# to 2e-7. Not understood yet: kept visible as non-strict xfails of the slow suite.
-FLAKY_ON_3D_MESH = ("diagonal+softmax", "softmax+nonlinear")
+
+
+# XLA's SPMD partitioner (jaxlib 0.10.2, Shardy, CPU) computes a wrong backward for block_recurrent's
+# token path once w_qkvq is column-sharded and w_o row-sharded, as the FSDP rules do on this mesh: the
+# forward and the first loss agree, the gradients differ by O(1). test_xla_partitioner_backward_bug
+# below is the same pattern in ten lines of plain JAX.
+XLA_PARTITIONER_BUG = ("softmax+nonlinear",)
 
 
 def _marks(family):
     marks = [pytest.mark.slow] if family in SLOW_FAMILIES else []
-    if family in FLAKY_ON_3D_MESH:
-        marks.append(pytest.mark.xfail(reason="order-dependent mismatch on the (2, 2, 2) mesh, see above",
-                                       strict=False))
+    if family in XLA_PARTITIONER_BUG:
+        marks.append(pytest.mark.xfail(reason="XLA SPMD partitioner bug: test_xla_partitioner_backward_bug",
+                                       raises=AssertionError, strict=False))
     return marks
 
 
@@ -154,6 +163,37 @@ def test_sharded_train_step_equals_unsharded_step(mesh_name, family):
     state = nnx.split((model, optimizer))[1]
     for array, spec in zip(jax.tree.leaves(state), tree_specs(specs), strict=True):
         assert array.sharding.is_equivalent_to(NamedSharding(mesh, spec), array.ndim), (spec, array.sharding)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="XLA SPMD partitioner bug in jaxlib 0.10.2 (CPU, Shardy): when it passes, drop "
+                   "this mark and XLA_PARTITIONER_BUG above")
+def test_xla_partitioner_backward_bug():
+    """Upstream, not zoo: four column blocks of one column-sharded product, two multiplied, one through
+    two einsums with fixed arrays, concatenated along a heads axis and fed to a row-sharded product.
+    The sharded forward equals the unsharded one; the gradient wrt the second weight does not (off by
+    ~60 here). This is the shape of block_recurrent's token path (w_qkvq, the attention, w_o)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("f",))
+    batch, heads, width, slots = 8, 2, 8, 4
+    keys = jax.random.split(jax.random.key(0), 6)
+    x, w = jax.random.normal(keys[0], (batch, 16)), jax.random.normal(keys[1], (batch, 16))
+    w_in, w_out = jax.random.normal(keys[2], (16, 64)) / 4, jax.random.normal(keys[3], (32, 16)) / 4
+    mem_k, mem_v = (jax.random.normal(k, (batch, slots, heads, width)) for k in keys[4:])
+
+    def loss(w_in, w_out):
+        a, b, _, d = (part.reshape(batch, heads, width) for part in jnp.split(x @ w_in, 4, axis=-1))
+        scores = jnp.einsum("bqhk,bshk->bhqs", d[:, None], mem_k)
+        read = jnp.einsum("bhqs,bshv->bqhv", scores, mem_v)[:, 0]
+        z = jnp.concatenate([a * b, read], axis=-2).reshape(batch, 2 * heads * width)
+        return jnp.sum((z @ w_out) * w)
+
+    shardings = (NamedSharding(mesh, P(None, "f")), NamedSharding(mesh, P("f", None)))
+    placed = [jax.device_put(a, s) for a, s in zip((w_in, w_out), shardings, strict=True)]
+    np.testing.assert_allclose(jax.jit(loss, in_shardings=shardings)(*placed), loss(w_in, w_out), rtol=1e-5)
+    want = jax.jit(jax.grad(loss, argnums=(0, 1)))(w_in, w_out)
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)), in_shardings=shardings)(*placed)
+    for g, g_want in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, g_want, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["diagonal", "matrix", "delta"])
