@@ -109,17 +109,36 @@ def _jitted_apply(rec):
 # gla
 
 
-def _numpy_gla(p, c: gla.GLAConfig, xs, S0):
+def _causal_conv(x, taps, bias, window, reset):
+    """y_t = Σ_j taps[j] · u_{t-C+1+j} per channel over u = (window, x), C = len(taps); a reset
+    zeroes the window before its step. x [B, T, C'], window [B, C-1, C']."""
+    y = np.zeros(x.shape, np.float64)
+    for t in range(x.shape[1]):
+        window = np.where(reset[:, t, None, None], 0, window)
+        extended = np.concatenate([window, x[:, t:t + 1]], axis=1)             # [B, C, C']
+        y[:, t] = np.einsum("bjc,jc->bc", extended, taps) + (0 if bias is None else bias)
+        window = extended[:, 1:]
+    return y, window
+
+
+def _numpy_gla(p, c: gla.GLAConfig, xs, state, reset=RESET):
     h = c.n_heads
-    q, k, v = (_heads(xs @ p[w], h) for w in ("w_q", "w_k", "w_v"))
+    q, k, v = (xs @ p[w] for w in ("w_q", "w_k", "w_v"))
+    window, S0 = state if c.use_short_conv else (None, state)
+    if c.use_short_conv:      # FLA's ShortConvolution: depthwise causal taps, then SiLU, per projection
+        split = np.cumsum([q.shape[-1], k.shape[-1]])
+        convolved, window = _causal_conv(np.concatenate([q, k, v], -1), p["conv_kernel"], p.get("conv_bias"),
+                                         window, reset)
+        q, k, v = np.split(_silu(convolved), split, axis=-1)
+    q, k, v = _heads(q, h), _heads(k, h), _heads(v, h)
     g = _log_sigmoid((xs @ p["w_gk1"]) @ p["w_gk2"] + p["b_gk"]) / c.gate_logit_normalizer
     if c.clamp_min is not None:
         g = np.maximum(g, c.clamp_min)
-    o, S = _loop(q, k, v, _heads(g, h), S0, RESET, q.shape[-1] ** -0.5)
+    o, S = _loop(q, k, v, _heads(g, h), S0, reset, q.shape[-1] ** -0.5)
     y = (_rms(o, c.norm_eps) * p["norm_scale"]).reshape(*xs.shape[:2], -1)
     if c.use_output_gate:
         y = y * _silu(xs @ p["w_g"])
-    return y @ p["w_o"], S
+    return y @ p["w_o"], ((window, S) if c.use_short_conv else S)
 
 
 GLA_CONFIGS = {
@@ -127,6 +146,8 @@ GLA_CONFIGS = {
                     gate_logit_normalizer=4.0, clamp_min=-0.2, chunk_size=4),
     "fla-widths-no-gate": dict(d_model=16, n_heads=4, gate_low_rank_dim=2, use_output_gate=False,
                                chunk_size=4),
+    "short-conv": dict(d_model=8, n_heads=2, expand_k=1.0, gate_low_rank_dim=2, use_short_conv=True,
+                       conv_size=3, conv_bias=True, chunk_size=4),
 }
 
 
@@ -142,10 +163,30 @@ def test_gla_apply_matches_a_float64_loop_of_the_layer(name, mode):
     ys, final = _jitted_apply(rec)(params, xs, state=state, reset=jnp.asarray(RESET), mode=mode)
     want, want_final = _numpy_gla(_f64(params), config, _f64(xs), _f64(state))
     _close(ys, want, "outputs")
-    _close(final, want_final, "final state")
+    for got, expected in zip(jax.tree.leaves(final), jax.tree.leaves(want_final), strict=True):
+        _close(got, expected, "final state")
     if config.clamp_min is not None:      # the floor must be active somewhere for the case to test it
         g = _log_sigmoid(_f64((xs @ params["w_gk1"]) @ params["w_gk2"] + params["b_gk"]))
         assert np.mean(g / config.gate_logit_normalizer < config.clamp_min) > 0.05
+
+
+def test_gla_short_conv_step_by_step_matches_the_float64_loop():
+    """The harness folds step against apply for the registered defaults (no convolution): here the
+    convolution's window is carried by ``step``, token by token, from a random window and state."""
+    config = gla.GLAConfig(**GLA_CONFIGS["short-conv"])
+    rec = zoo.get("gla", **GLA_CONFIGS["short-conv"])
+    params = rec.init(jax.random.key(3), D_IN)
+    xs, state = _data(rec, params, 4)
+    step = jax.jit(rec.step)
+    outputs = []
+    carried = state
+    for t in range(T):
+        carried, y_t = step(params, carried, xs[:, t])
+        outputs.append(y_t)
+    want, want_final = _numpy_gla(_f64(params), config, _f64(xs), _f64(state), np.zeros((BATCH, T), bool))
+    _close(jnp.stack(outputs, axis=1), want, "outputs")
+    for got, expected in zip(jax.tree.leaves(carried), jax.tree.leaves(want_final), strict=True):
+        _close(got, expected, "final state")
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,6 +303,8 @@ def test_gateloop_apply_matches_a_float64_complex_loop_of_the_layer(name, mode):
     ("gla", {"gate_low_rank_dim": 0}, "gate_low_rank_dim"),
     ("gla", {"clamp_min": 0.5}, "clamp_min"),
     ("gla", {"chunk_size": 0}, "chunk_size"),
+    ("gla", {"conv_size": 0}, "conv_size"),
+    ("gla", {"use_short_conv": "yes"}, "use_short_conv"),
     ("hgrn2", {"d_model": 10, "n_heads": 4}, "n_heads"),
     ("hgrn2", {"lower_bound": 1.0}, "lower_bound"),
     ("hgrn2", {"lower_bound": -0.1}, "lower_bound"),

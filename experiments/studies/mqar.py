@@ -32,14 +32,17 @@ FAMILIES = {
 }
 # --quick trains one model per family at one width
 QUICK_FAMILIES = {"linear attention": ("linear_transformer",), "SSM": ("lru",), "delta rule": ("deltanet",)}
-# Models trained again with fields that differ from their defaults, as (row label, model, fields): the
-# range of the per-head decay rate A at init. Probes at d_model 32, seed 0: gated_deltanet stayed at
-# chance (held-out loss ln 32) with FLA's A in (0, 16] and learned recall with A in (0, 1] (0.73) or with
-# A = 0.01 in every head (0.998); mamba2 reached 0.11 with mamba_ssm's [1, 16) and 0.37 with [0.01, 1).
-# The notes compare each variant with its model per width.
+# Models trained again with fields that differ from their defaults, as (row label, model, fields, what
+# changed). The range of the per-head decay rate A at init: in probes at d_model 32, seed 0,
+# gated_deltanet stayed at chance (held-out loss ln 32) with FLA's A in (0, 16] and learned recall with
+# A in (0, 1] (0.73) or with A = 0.01 in every head (0.998); mamba2 reached 0.11 with mamba_ssm's
+# [1, 16) and 0.37 with [0.01, 1). GLA with FLA's short convolution (off by default in FLA and here),
+# which deltanet and gated_deltanet have by default. The notes compare each variant with its model.
 VARIANTS = {
-    "SSM": (("mamba2, A in [0.01, 1)", "mamba2", {"a_init_range": (0.01, 1.0)}),),
-    "delta rule": (("gated_deltanet, A in (0, 1]", "gated_deltanet", {"a_init_range": (0.0, 1.0)}),),
+    "linear attention": (("gla, short conv", "gla", {"use_short_conv": True}, "the short convolution"),),
+    "SSM": (("mamba2, A in [0.01, 1)", "mamba2", {"a_init_range": (0.01, 1.0)}, "the decay init"),),
+    "delta rule": (("gated_deltanet, A in (0, 1]", "gated_deltanet", {"a_init_range": (0.0, 1.0)},
+                    "the decay init"),),
 }
 WIDTHS = (16, 32, 64)
 QUICK_WIDTHS = (8,)
@@ -96,7 +99,7 @@ def main(argv=None) -> str:
     families = QUICK_FAMILIES if args.quick else FAMILIES
     for family, names in families.items():
         variants = () if args.quick else VARIANTS.get(family, ())
-        entries = [(model, model, {}) for model in names] + list(variants)
+        entries = [(model, model, {}) for model in names] + [v[:3] for v in variants]
         for label, model, fields in entries:
             for width in widths:
                 config = {**width_config(model, width), **fields}
@@ -113,8 +116,8 @@ def main(argv=None) -> str:
                              state, f"{done[0].params:,}", R.mean_std([r.metric("accuracy") for r in done]),
                              R.seconds_cell(done)])
     wall = time.perf_counter() - began
-    variant_models = [(label, model) for family in families if not args.quick
-                      for label, model, _ in VARIANTS.get(family, ())]
+    variant_models = [(label, model, what) for family in families if not args.quick
+                      for label, model, _, what in VARIANTS.get(family, ())]
     rows.sort(key=lambda row: (list(FAMILIES).index(row[0]), row[4]))
     columns = ["family", "model", "d_model", "model config", "state floats per sequence (all layers)",
                "params", "MQAR accuracy (queries, whole held-out split)", "wall s"]
@@ -131,10 +134,11 @@ def main(argv=None) -> str:
         "`zoo.list_models()[name].state_size` per layer, times the layers."
     )
     if not args.quick:
-        setting += (" The rows " + ", ".join(f"\"{label}\"" for v in VARIANTS.values() for label, _, _ in v)
+        setting += (" The rows " + ", ".join(f"\"{label}\"" for v in VARIANTS.values() for label, *_ in v)
                     + " train that model again with one field changed, shown in the model config column: "
                     "the range that A, the decay rate of each head, is drawn from at init (the defaults "
-                    "are FLA's (0, 16] for gated_deltanet and mamba_ssm's [1, 16) for mamba2).")
+                    "are FLA's (0, 16] for gated_deltanet and mamba_ssm's [1, 16) for mamba2), or GLA's "
+                    "short convolution (FLA's `use_short_conv`, 4 taps, then SiLU, on q, k and v).")
     if args.quick:
         setting += ("\n\n**--quick smoke setting: one model per family, a few steps of tiny models; the "
                     "numbers mean nothing.**")
@@ -154,7 +158,8 @@ def run_suffix(fields: dict) -> str:
 def notes(labelled_runs, n_pairs: int, n_seeds: int, variant_models=()) -> str:
     """What the table shows, computed from the (row label, run) pairs: each row label's best accuracy
     and where, the runs near 1/n_pairs (the accuracy of a guess among the values the sequence holds),
-    and for each (variant label, model) of ``variant_models`` the mean accuracy of both per width."""
+    and for each (variant label, model, what changed) of ``variant_models`` the mean accuracy of both
+    per width."""
     best: dict[str, R.RunResult] = {}
     for label, run in labelled_runs:
         if label not in best or run.metric("accuracy") > best[label].metric("accuracy"):
@@ -173,7 +178,7 @@ def notes(labelled_runs, n_pairs: int, n_seeds: int, variant_models=()) -> str:
         f"Runs within 0.03 of 1/n_pairs = {plateau:.3f}, the accuracy of a guess among the values the "
         f"sequence holds without recall of the key each was paired with: {', '.join(stuck) or 'none'}"
         f"{stuck_loss}."]
-    for variant, model in variant_models:
+    for variant, model, what in variant_models:
         def mean_at(label: str, width: int) -> float | None:
             values = [r.metric("accuracy") for lab, r in labelled_runs
                       if lab == label and r.overrides["d_model"] == width]
@@ -183,7 +188,7 @@ def notes(labelled_runs, n_pairs: int, n_seeds: int, variant_models=()) -> str:
         pairs = [(w, mean_at(model, w), mean_at(variant, w)) for w in widths]
         changes = [f"d_model {w} {base:.3f} -> {changed:.3f}"
                    for w, base, changed in pairs if base is not None]
-        lines += ["", f"Only the decay init changed, mean accuracy {model} -> \"{variant}\": "
+        lines += ["", f"Only {what} changed, mean accuracy {model} -> \"{variant}\": "
                   + ", ".join(changes) + "."]
     if n_seeds == 1:
         lines += ["", "One seed per point: on this task learning recall is a sudden transition late or "

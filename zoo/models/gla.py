@@ -12,19 +12,23 @@ value width V = expand_v · d_model / H per head::
     y_t = W_o (RMSNorm_head(o_t) ⊙ w ⊙ swish(W_g x_t))                 w [V]: one scale shared by the heads
 
 ``clamp_min`` (FLA's option) floors log α_t; ``use_output_gate=False`` drops the swish gate (then
-y_t = W_o (RMSNorm_head(o_t) ⊙ w)).
+y_t = W_o (RMSNorm_head(o_t) ⊙ w)). ``use_short_conv=True`` (FLA's option, off by default as there)
+replaces q, k, v by SiLU(conv1d_C([W_q x, W_k x, W_v x])_t): a causal depthwise convolution of
+``conv_size`` = C taps over the projections (FLA's ``ShortConvolution`` with its SiLU, one per
+projection; depthwise, so one convolution over the three side by side is the same), as in
+DeltaNet. It lets one layer pair a token with the ones just before it (a key with its value in MQAR).
 
-State: S [B, H, K, V], float32. ``step`` runs the op for one token (``run_op_one_token``), ``apply``
-the op over the sequence in its chunked (``"auto"``; chunk ``chunk_size``), parallel or sequential
-mode.
+State: S [B, H, K, V], float32; with ``use_short_conv`` the pair (window [B, C − 1, 2HK + HV], S).
+``step`` runs the op for one token (``run_op_one_token``), ``apply`` the op over the sequence in its
+chunked (``"auto"``; chunk ``chunk_size``), parallel or sequential mode.
 
 Differences from FLA, and why:
 
 * The paper writes the normalisation of each head's o_t as a LayerNorm (after RetNet's GroupNorm);
   FLA, and this file, use RMSNorm per head with one scale w shared by the heads (FLA's
   ``FusedRMSNormGated(head_v_dim)``), so FLA's weights load as they are.
-* Not offered: FLA's short convolutions (``use_short_conv``, off by default), its feature maps on
-  q and k (``feature_map``, none by default) and grouped key/value heads (``num_kv_heads``).
+* Not offered: FLA's feature maps on q and k (``feature_map``, none by default) and grouped
+  key/value heads (``num_kv_heads``).
 * Projections are LeCun-normal (zoo's default) rather than FLA's normal(0, 0.02); the gate bias
   starts at 0 (log α = -log 2 / 16, α ≈ 0.958).
 * Dtypes: projections run in the compute dtype (the input's); the gate, the norm and the output
@@ -60,6 +64,9 @@ from zoo.models._matrix_common import (
     run_op_one_token,
     split_heads,
 )
+from zoo.models.deltanet import check_bools
+from zoo.models.mamba2 import conv_init
+from zoo.ops import conv1d
 from zoo.ops.matrix import MODES
 from zoo.registry import register
 
@@ -80,13 +87,17 @@ class GLAConfig(ExpandedHeadWidths):
     gate_logit_normalizer: float = 16.0   # τ
     clamp_min: float | None = None   # floor of log α (FLA's option; None: no floor)
     use_output_gate: bool = True
+    use_short_conv: bool = False     # FLA's default
+    conv_size: int = 4
+    conv_bias: bool = False
     norm_eps: float = 1e-5
     chunk_size: int = 8              # steps per chunk in mode="chunked"
 
     def __post_init__(self):
         check_chunk_size("gla", self.chunk_size)
-        for name in ("d_model", "n_heads", "gate_low_rank_dim"):
+        for name in ("d_model", "n_heads", "gate_low_rank_dim", "conv_size"):
             check_positive_int("gla", name, getattr(self, name))
+        check_bools("gla", self, ("use_output_gate", "use_short_conv", "conv_bias"))
         for name in ("expand_k", "expand_v", "gate_logit_normalizer", "norm_eps"):
             check_positive_float("gla", name, getattr(self, name))
         self.check_head_widths("gla")
@@ -98,7 +109,7 @@ class GLAConfig(ExpandedHeadWidths):
 
 
 def init(key: jax.Array, d_in: int, config: GLAConfig) -> dict:
-    keys = jax.random.split(key, 7)
+    keys = jax.random.split(key, 8)
     dk, dv, r = config.key_dim, config.value_dim, config.gate_low_rank_dim
     params = {
         "w_q": dense_init(keys[0], d_in, dk),
@@ -112,6 +123,8 @@ def init(key: jax.Array, d_in: int, config: GLAConfig) -> dict:
     }
     if config.use_output_gate:
         params["w_g"] = dense_init(keys[6], d_in, dv)
+    if config.use_short_conv:
+        params.update(conv_init(keys[7], config.conv_size, 2 * dk + dv, config.conv_bias))
     return params
 
 
@@ -122,11 +135,23 @@ def log_decay(params: dict, x: jax.Array, config: GLAConfig) -> jax.Array:
     return g if config.clamp_min is None else jnp.maximum(g, config.clamp_min)
 
 
-def recurrence_inputs(params: dict, x: jax.Array, config: GLAConfig):
-    """(q, k, v, log α) split into heads, for x [..., d_in]."""
+def qkv_projection(params: dict, x: jax.Array) -> jax.Array:
+    """[W_q x, W_k x, W_v x] side by side, [..., 2HK + HV], in x's dtype."""
+    return jnp.concatenate([project(x, params[w]) for w in ("w_q", "w_k", "w_v")], axis=-1)
+
+
+def recurrence_inputs(params: dict, x: jax.Array, config: GLAConfig, qkv: jax.Array | None = None):
+    """(q, k, v, log α) split into heads, for x [..., d_in]. ``qkv``: the projections after the short
+    convolution and its SiLU (``use_short_conv``); without one, ``qkv_projection(params, x)``."""
+    if qkv is None:
+        if config.use_short_conv:
+            raise ValueError("gla.recurrence_inputs: with use_short_conv, pass qkv (the convolution needs "
+                             "its window state: use the Recurrence's step or apply)")
+        qkv = qkv_projection(params, x)
     h = config.n_heads
-    q, k, v = (split_heads(project(x, params[w]), h) for w in ("w_q", "w_k", "w_v"))
-    return q, k, v, split_heads(log_decay(params, x, config), h)
+    q, k, v = jnp.split(qkv, (config.key_dim, 2 * config.key_dim), axis=-1)
+    log_alpha = log_decay(params, x, config)
+    return split_heads(q, h), split_heads(k, h), split_heads(v, h), split_heads(log_alpha, h)
 
 
 def read_out(params: dict, o: jax.Array, x: jax.Array, config: GLAConfig) -> jax.Array:
@@ -139,24 +164,43 @@ def read_out(params: dict, o: jax.Array, x: jax.Array, config: GLAConfig) -> jax
 
 
 def _state_size(c: GLAConfig) -> int:
-    return c.n_heads * (c.key_dim // c.n_heads) * (c.value_dim // c.n_heads)
+    conv = (c.conv_size - 1) * (2 * c.key_dim + c.value_dim) if c.use_short_conv else 0
+    return conv + c.n_heads * (c.key_dim // c.n_heads) * (c.value_dim // c.n_heads)
 
 
 @register("gla", config=GLAConfig, paper=PAPER, engine="matrix", modes=MODES, state_size=_state_size)
 def build(config: GLAConfig):
     heads, dk, dv = config.n_heads, config.key_dim // config.n_heads, config.value_dim // config.n_heads
 
+    conv_width = 2 * config.key_dim + config.value_dim
+
     def initial_state(params, batch):
-        return jnp.zeros((batch, heads, dk, dv), jnp.float32)
+        S = jnp.zeros((batch, heads, dk, dv), jnp.float32)
+        if config.use_short_conv:
+            return jnp.zeros((batch, config.conv_size - 1, conv_width), jnp.float32), S
+        return S
 
-    def step(params, S, x_t):
-        o, S = run_op_one_token(ops.gla, *recurrence_inputs(params, x_t, config), state=S)
-        return S, read_out(params, o, x_t, config)
+    def step(params, state, x_t):
+        qkv = qkv_projection(params, x_t)
+        S = state
+        if config.use_short_conv:
+            window, S = state
+            window, qkv = conv1d.step(params["conv_kernel"], params.get("conv_bias"), window, qkv)
+            qkv = jax.nn.silu(qkv)
+        o, S = run_op_one_token(ops.gla, *recurrence_inputs(params, x_t, config, qkv), state=S)
+        return ((window, S) if config.use_short_conv else S), read_out(params, o, x_t, config)
 
-    def apply(params, xs, S, reset, mode, reverse):
-        o, S = run_op(ops.gla, *recurrence_inputs(params, xs, config), state=S, reset=reset,
+    def apply(params, xs, state, reset, mode, reverse):
+        qkv = qkv_projection(params, xs)
+        S = state
+        if config.use_short_conv:
+            window, S = state
+            qkv, window = conv1d.apply(qkv, params["conv_kernel"], params.get("conv_bias"),
+                                       initial_state=window, reset=reset, reverse=reverse)
+            qkv = jax.nn.silu(qkv)
+        o, S = run_op(ops.gla, *recurrence_inputs(params, xs, config, qkv), state=S, reset=reset,
                       mode=engine_mode(mode), reverse=reverse, chunk_size=config.chunk_size)
-        return read_out(params, o, xs, config), S
+        return read_out(params, o, xs, config), ((window, S) if config.use_short_conv else S)
 
     # Jitted once here so that eager calls are one dispatch; under an outer jit they are inlined.
     step, apply = jax.jit(step), jax.jit(apply, static_argnums=(4, 5))
