@@ -1,7 +1,8 @@
 """Checks shared by the block tests that compare a whole model block with a float64 numpy loop of
 its equations (tests/test_mlstm.py, tests/test_rwkv6.py). Each test module supplies its own loop
 (``numpy_step`` for one token, ``numpy_block`` for a sequence) and ``setup`` (random model, params,
-inputs and initial state); the comparisons themselves live here once."""
+inputs and initial state); the comparisons themselves live here once, with the float64 loop of the
+short convolution that the delta-rule and GLA block tests share (``short_conv``)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,18 @@ def numpy_block_loop(numpy_step, params, c, xs, state, reset, reverse):
             state = tuple(np.where(flag.reshape(-1, *[1] * (s.ndim - 1)), 0.0, s) for s in state)
         state, ys[:, t] = numpy_step(p, c, state, xs[:, t])
     return ys, state
+
+
+def short_conv(u, kernel, bias, window, reset):
+    """Causal depthwise convolution, u [B, T, C], kernel [K, C] (last tap on the current input),
+    window [B, K-1, C] of the inputs before t = 0; a reset clears the window before step t."""
+    ys = np.zeros_like(u)
+    window = window.copy()
+    for b in range(u.shape[0]):
+        for t in range(u.shape[1]):
+            if reset[b, t]:
+                window[b] = 0.0
+            full = np.concatenate([window[b], u[b, t][None]], axis=0)          # [K, C]
+            ys[b, t] = np.sum(kernel * full, axis=0) + (0.0 if bias is None else bias)
+            window[b] = full[1:]
+    return ys, window

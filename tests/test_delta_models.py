@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from block_loop_checks import short_conv
 
 import zoo
 
@@ -41,21 +42,6 @@ def softplus(x):
 
 def f64(tree):
     return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
-
-
-def short_conv(u, kernel, bias, window, reset):
-    """Causal depthwise convolution, u [B, T, C], kernel [K, C] (last tap on the current input),
-    window [B, K-1, C] of the inputs before t = 0; a reset clears the window before step t."""
-    ys = np.zeros_like(u)
-    window = window.copy()
-    for b in range(u.shape[0]):
-        for t in range(u.shape[1]):
-            if reset[b, t]:
-                window[b] = 0.0
-            full = np.concatenate([window[b], u[b, t][None]], axis=0)          # [K, C]
-            ys[b, t] = np.sum(kernel * full, axis=0) + (0.0 if bias is None else bias)
-            window[b] = full[1:]
-    return ys, window
 
 
 def l2_normalise(x, eps=1e-6):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from block_loop_checks import short_conv
 
 import zoo
 from zoo.models import gateloop, gla, hgrn2
@@ -109,25 +110,13 @@ def _jitted_apply(rec):
 # gla
 
 
-def _causal_conv(x, taps, bias, window, reset):
-    """y_t = Σ_j taps[j] · u_{t-C+1+j} per channel over u = (window, x), C = len(taps); a reset
-    zeroes the window before its step. x [B, T, C'], window [B, C-1, C']."""
-    y = np.zeros(x.shape, np.float64)
-    for t in range(x.shape[1]):
-        window = np.where(reset[:, t, None, None], 0, window)
-        extended = np.concatenate([window, x[:, t:t + 1]], axis=1)             # [B, C, C']
-        y[:, t] = np.einsum("bjc,jc->bc", extended, taps) + (0 if bias is None else bias)
-        window = extended[:, 1:]
-    return y, window
-
-
 def _numpy_gla(p, c: gla.GLAConfig, xs, state, reset=RESET):
     h = c.n_heads
     q, k, v = (xs @ p[w] for w in ("w_q", "w_k", "w_v"))
     window, S0 = state if c.use_short_conv else (None, state)
     if c.use_short_conv:      # FLA's ShortConvolution: depthwise causal taps, then SiLU, per projection
         split = np.cumsum([q.shape[-1], k.shape[-1]])
-        convolved, window = _causal_conv(np.concatenate([q, k, v], -1), p["conv_kernel"], p.get("conv_bias"),
+        convolved, window = short_conv(np.concatenate([q, k, v], -1), p["conv_kernel"], p.get("conv_bias"),
                                          window, reset)
         q, k, v = np.split(_silu(convolved), split, axis=-1)
     q, k, v = _heads(q, h), _heads(k, h), _heads(v, h)

@@ -64,7 +64,7 @@ from zoo.models._matrix_common import (
     run_op_one_token,
     split_heads,
 )
-from zoo.models.deltanet import check_bools
+from zoo.models.deltanet import check_bools, qkv_projection
 from zoo.models.mamba2 import conv_init
 from zoo.ops import conv1d
 from zoo.ops.matrix import MODES
@@ -133,11 +133,6 @@ def log_decay(params: dict, x: jax.Array, config: GLAConfig) -> jax.Array:
     logits = project(project(x, params["w_gk1"]), params["w_gk2"], params["b_gk"]).astype(jnp.float32)
     g = jax.nn.log_sigmoid(logits) / config.gate_logit_normalizer
     return g if config.clamp_min is None else jnp.maximum(g, config.clamp_min)
-
-
-def qkv_projection(params: dict, x: jax.Array) -> jax.Array:
-    """[W_q x, W_k x, W_v x] side by side, [..., 2HK + HV], in x's dtype."""
-    return jnp.concatenate([project(x, params[w]) for w in ("w_q", "w_k", "w_v")], axis=-1)
 
 
 def recurrence_inputs(params: dict, x: jax.Array, config: GLAConfig, qkv: jax.Array | None = None):
