@@ -64,7 +64,7 @@ from zoo.models._matrix_common import (
     run_op_one_token,
     split_heads,
 )
-from zoo.models.deltanet import check_bools, qkv_projection
+from zoo.models.deltanet import check_bools, mixer_state_size, qkv_projection
 from zoo.models.mamba2 import conv_init
 from zoo.ops import conv1d
 from zoo.ops.matrix import MODES
@@ -159,8 +159,7 @@ def read_out(params: dict, o: jax.Array, x: jax.Array, config: GLAConfig) -> jax
 
 
 def _state_size(c: GLAConfig) -> int:
-    conv = (c.conv_size - 1) * (2 * c.key_dim + c.value_dim) if c.use_short_conv else 0
-    return conv + c.n_heads * (c.key_dim // c.n_heads) * (c.value_dim // c.n_heads)
+    return mixer_state_size(c, c.key_dim, c.value_dim)      # the window (with use_short_conv) and S
 
 
 @register("gla", config=GLAConfig, paper=PAPER, engine="matrix", modes=MODES, state_size=_state_size)
