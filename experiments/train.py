@@ -22,6 +22,9 @@ with ``--config.<field>=<value>``:
   lengths, for tasks that support them: ``zoo.train.loop``), ``log_every``, ``progress``.
 * ``output_dir`` (default ``runs/<model>-<task>``), ``checkpoint_dir`` (default
   ``<output_dir>/checkpoints``; "" for none), ``checkpoint_every`` (default ``eval_every``).
+* ``keep_best`` (an evaluation metric such as ``eval_loss``; default none) and ``keep_best_mode`` ("min"
+  or "max"): leave the model of the best evaluation at the end, early stopping on the held-out split
+  (``zoo.train.train``); ``final.json`` then has ``best`` = its step and metrics.
 
 The task decides the loss and the reported metrics (``TASK_LOSSES``, ``loss_fn_for``): masked
 cross-entropy and accuracy (``zoo.train.losses.classification_loss``) unless it names another, such as
@@ -249,6 +252,8 @@ def default_config(model: str = DEFAULT_MODEL, task: str = DEFAULT_TASK) -> conf
     cfg.output_dir = config_dict.placeholder(str)
     cfg.checkpoint_dir = config_dict.placeholder(str)
     cfg.progress = True
+    cfg.keep_best = config_dict.placeholder(str)
+    cfg.keep_best_mode = "min"
     return cfg
 
 
@@ -386,17 +391,23 @@ def train_model(cfg) -> Run:
                    checkpoint_dir=checkpoint_dir,
                    checkpoint_every=cfg.checkpoint_every, metrics_path=metrics_path, plot_path=plot_path,
                    log_every=cfg.log_every, progress=cfg.progress, description=title,
-                   run=run_description(cfg))
+                   run=run_description(cfg), keep_best=cfg.keep_best or None,
+                   keep_best_mode=cfg.keep_best_mode)
     if lengths:
         plot_lengths(result.final, lengths, os.path.join(output_dir, "lengths.png"), title)
     summary = {"start_step": result.start_step, "steps": cfg.steps, "params": n_params, "final": result.final,
                "seconds": time.perf_counter() - began}
+    if result.best is not None:
+        summary["best"] = result.best
     write_json(config_path, as_json(cfg))
     write_json(os.path.join(output_dir, "final.json"), summary)
     resumed = (f"resumed from the checkpoint at step {result.start_step}"
                if result.start_step else "from scratch")
     print(f"trained steps {result.start_step}..{cfg.steps} ({resumed}) in {result.seconds:.1f} s")
     print("final metrics: " + ", ".join(f"{key} {value:.4f}" for key, value in result.final.items()))
+    if result.best is not None:
+        print(f"kept the model of step {result.best['step']}, the best {cfg.keep_best} "
+              f"({cfg.keep_best_mode}): {result.best[cfg.keep_best]:.4f}")
     print(f"metrics: {metrics_path}\ncurves:  {plot_path}")
     return Run(summary, model, task, loss_fn)
 

@@ -10,7 +10,14 @@ import pytest
 from flax import nnx
 
 from zoo.data import RunningParity
-from zoo.train import make_train_step, masked_accuracy, masked_cross_entropy, read_records, train
+from zoo.train import (
+    CheckpointError,
+    make_train_step,
+    masked_accuracy,
+    masked_cross_entropy,
+    read_records,
+    train,
+)
 
 
 class TinyRNN(nnx.Module):
@@ -181,6 +188,80 @@ def test_a_finished_run_resumes_to_nothing_new(tmp_path):
     assert read_records(tmp_path / "m.jsonl") == first.records
     for got, want in zip(params_of(again_model), params_of(model), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def evaluations(records, key="eval_loss"):
+    return [(r["step"], r[key]) for r in records if key in r]
+
+
+def test_keep_best_max_leaves_the_initial_model():
+    # The held-out loss is highest before training, so "max" must leave the model as it was built.
+    model, optimizer = build(lr=1e-2)
+    initial = [np.array(p) for p in params_of(model)]
+    result = train(model, optimizer, TASK, steps=30, eval_every=10, progress=False,
+                   keep_best="eval_loss", keep_best_mode="max")
+    steps, losses = zip(*evaluations(result.records), strict=True)
+    assert steps == (0, 10, 20, 30) and int(np.argmax(losses)) == 0, losses
+    assert result.best == {"step": 0, **{k: v for k, v in result.records[0].items() if k.startswith("eval_")}}
+    assert result.final["eval_loss"] == losses[-1]          # ``final`` stays the last evaluation
+    for got, want in zip(params_of(model), initial, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert int(optimizer.step[...]) == 30                    # the optimizer is not rewound
+
+
+def test_keep_best_min_leaves_the_model_of_the_lowest_evaluation():
+    # A rate high enough that the held-out loss goes up and down, so the best is not the last step.
+    kwargs = dict(steps=40, eval_every=4, progress=False)
+    model, optimizer = build(lr=0.3)
+    result = train(model, optimizer, TASK, keep_best="eval_loss", **kwargs)
+    history = evaluations(result.records)
+    best_step = min(history, key=lambda pair: pair[1])[0]    # min() keeps the first on ties
+    assert 0 < best_step < 40, history
+    assert result.best["step"] == best_step and result.best["eval_loss"] == dict(history)[best_step]
+    # Independently: a run of exactly best_step updates from the same start has these parameters.
+    short_model, short_opt = build(lr=0.3)
+    train(short_model, short_opt, TASK, steps=best_step, eval_every=4, progress=False)
+    for got, want in zip(params_of(model), params_of(short_model), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_keep_best_survives_a_kill_and_resume(tmp_path):
+    # "max" of the held-out loss is the model at step 0: after the kill only the checkpoint holds it.
+    kwargs = dict(steps=17, eval_every=3, log_every=3, progress=False, keep_best="eval_loss",
+                  keep_best_mode="max")
+    whole_model, whole_opt = build()
+    whole = train(whole_model, whole_opt, TASK, **kwargs)
+    model, optimizer = build()
+    with pytest.raises(Killed):
+        train(model, optimizer, KilledAt(TASK, 13), checkpoint_dir=tmp_path, **kwargs)
+    fresh_model, fresh_opt = build(seed=1)                      # another init: the best must come from disk
+    resumed = train(fresh_model, fresh_opt, TASK, checkpoint_dir=tmp_path, **kwargs)
+    assert resumed.start_step == 12 and whole.best["step"] == 0 and resumed.best == whole.best
+    initial_model, _ = build()
+    for got, want in zip(params_of(fresh_model), params_of(initial_model), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert int(fresh_opt.step[...]) == 17
+
+
+def test_keep_best_errors_name_the_problem(tmp_path):
+    model, optimizer = build()
+    with pytest.raises(ValueError, match=r"keep_best='eval_bleu' is not one of .*eval_accuracy"):
+        train(model, optimizer, TASK, steps=2, eval_every=1, progress=False, keep_best="eval_bleu")
+    with pytest.raises(ValueError, match="keep_best_mode must be 'min' or 'max', got 'lowest'"):
+        train(model, optimizer, TASK, steps=2, progress=False, keep_best="eval_loss", keep_best_mode="lowest")
+    train(model, optimizer, TASK, steps=2, eval_every=1, progress=False, checkpoint_dir=tmp_path / "c")
+    with pytest.raises(CheckpointError, match=r"c/2/meta was written by a run without keep_best"):
+        train(model, optimizer, TASK, steps=4, eval_every=1, progress=False, checkpoint_dir=tmp_path / "c",
+              keep_best="eval_loss")
+
+
+def test_improves_never_picks_a_nan():
+    from zoo.train.loop import _improves
+
+    assert _improves(1.0, None, "min") and _improves(1.0, float("nan"), "max")
+    assert not _improves(float("nan"), 2.0, "min") and not _improves(float("nan"), None, "max")
+    assert _improves(1.0, 2.0, "min") and not _improves(2.0, 1.0, "min") and not _improves(1.0, 1.0, "min")
+    assert _improves(2.0, 1.0, "max") and not _improves(1.0, 1.0, "max")
 
 
 def test_metrics_jsonl_and_png_are_written(tmp_path):

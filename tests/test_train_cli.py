@@ -185,6 +185,15 @@ def test_a_checkpoint_of_another_configuration_names_what_differs(tmp_path):
     assert "array(s) the checkpoint has, this run lacks: optimizer/opt_state/1/0/count" in str(error.value)
 
 
+def test_keep_best_is_reported_in_final_json(tmp_path):
+    summary = run(tiny_config(tmp_path, keep_best="eval_loss", keep_best_mode="max", checkpoint_dir=""))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+    worst = max(evals, key=evals.get)
+    assert summary["best"]["step"] == worst and summary["best"]["eval_loss"] == evals[worst]
+    assert json.loads((tmp_path / "final.json").read_text())["best"] == summary["best"]
+
+
 class ParityAtLength:
     """A task offering ``batch_at_length`` itself, as the protocol asks."""
 

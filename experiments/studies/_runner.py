@@ -56,6 +56,7 @@ class RunResult:
     command: str
     cached: bool = False             # loaded from an earlier invocation's finished run (``finished_run``)
     output_dir: str = ""             # the run's logs (metrics.jsonl, curves.png, final.json)
+    best: dict[str, float] | None = None    # with ``keep_best``: the kept evaluation, {"step": s, ...}
 
     def train_tail(self, key: str, last: int = 100) -> float:
         """Mean training ``key`` (one batch per step, at training lengths) over the run's last ``last``
@@ -167,7 +168,7 @@ def train_one(model: str, task: str, overrides: Mapping[str, Any], *, seed: int 
     seconds = time.perf_counter() - began
     result = RunResult(label=label, model=model, task=task, seed=seed, overrides=dict(overrides),
                        params=done.summary["params"], steps=cfg.steps, final=done.summary["final"], full=full,
-                       seconds=seconds, command=command, output_dir=output_dir)
+                       seconds=seconds, command=command, output_dir=output_dir, best=done.summary.get("best"))
     save_finished(output_dir, result, full_eval)
     return result
 

@@ -10,6 +10,10 @@ A checkpoint at step ``s`` (directory ``<checkpoint_dir>/<s>``) holds three item
   the position is the step itself and the stream needs no state of its own. ``run`` is whatever
   description of the run the caller passed (the CLI stores its config), checked on resume.
 
+A run that keeps its best evaluation (``train(..., keep_best=...)``) adds a fourth item, ``best``:
+the model's state at that evaluation, and ``meta["best"] = {"step": ..., "metrics": {...}}`` (None
+until there is one). Without it a resumed run could not know which model its best evaluation had.
+
 The training loop draws no random numbers; the initial parameters come from the caller's seed.
 Restoring fills freshly built objects in place; their structure (and so the abstract target that
 orbax restores into) comes from them, which keeps loading free of pickle.
@@ -20,6 +24,7 @@ and what went wrong; a checkpoint that exists is never skipped in favour of star
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -39,20 +44,41 @@ class CheckpointError(ValueError):
     """A checkpoint that exists but cannot be restored into this run (corrupt, incomplete, mismatched)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Best:
+    """The model at its best evaluation so far: the step, that evaluation's metrics, and the model's
+    state then (a snapshot: fresh containers around the arrays of that step, which later updates
+    replace rather than modify)."""
+
+    step: int
+    metrics: dict[str, float]
+    state: nnx.State
+
+
+def snapshot(model: nnx.Module) -> nnx.State:
+    """``nnx.state(model)`` detached from the model: ``nnx.state`` shares its Variables with the model,
+    so a later update would show through; mapping over it copies the containers, not the arrays."""
+    return jax.tree.map(lambda leaf: leaf, nnx.state(model))
+
+
 def manager(directory: str | os.PathLike, max_to_keep: int = 2) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, model: nnx.Module, optimizer: nnx.Optimizer,
-         run: Mapping[str, Any] | None = None) -> None:
-    """Start saving (asynchronously; the arrays are immutable, so training can go on meanwhile)."""
+         run: Mapping[str, Any] | None = None, *, keep_best: bool = False, best: Best | None = None) -> None:
+    """Start saving (asynchronously; the arrays are immutable, so training can go on meanwhile).
+
+    ``keep_best``: the run keeps its best evaluation; ``best`` is it (None while there is none)."""
     meta = {"step": int(step), "data_step": int(step), "run": dict(run) if run is not None else None}
-    mngr.save(step, args=ocp.args.Composite(
-        model=ocp.args.StandardSave(nnx.state(model)),
-        optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
-        meta=ocp.args.JsonSave(meta),
-    ))
+    items = {"model": ocp.args.StandardSave(nnx.state(model)),
+             "optimizer": ocp.args.StandardSave(nnx.state(optimizer))}
+    if keep_best:
+        meta["best"] = None if best is None else {"step": int(best.step), "metrics": dict(best.metrics)}
+        if best is not None:
+            items["best"] = ocp.args.StandardSave(best.state)
+    mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
 
 
 def _cause(error: BaseException) -> str:
@@ -113,6 +139,17 @@ def check_run(where: str, stored: Mapping[str, Any] | None, run: Mapping[str, An
             + "\nUse another checkpoint directory, or delete this one to start from scratch.")
 
 
+def _load(mngr: ocp.CheckpointManager, step: int, item: str, args):
+    """One item of the checkpoint at ``step``; any failure becomes a CheckpointError naming its file."""
+    where = step_dir(mngr, step)
+    try:
+        return mngr.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+    except Exception as error:      # orbax, tensorstore and json raise many types; report them all
+        raise CheckpointError(
+            f"cannot restore item {item!r} of the checkpoint {os.path.join(where, item)}: "
+            f"{_cause(error)}. {_REMEDY.format(where=where)}") from error
+
+
 def restore_latest(mngr: ocp.CheckpointManager, model: nnx.Module, optimizer: nnx.Optimizer,
                    run: Mapping[str, Any] | None = None) -> int:
     """Load the latest checkpoint into ``model`` and ``optimizer``; return its step (0 if there is none).
@@ -132,15 +169,7 @@ def restore_latest(mngr: ocp.CheckpointManager, model: nnx.Module, optimizer: nn
         raise CheckpointError(f"the checkpoint {where} is incomplete: no {', '.join(missing)} "
                               f"(it has {sorted(os.listdir(where))})")
 
-    def load(item: str, args):
-        try:
-            return mngr.restore(step, args=ocp.args.Composite(**{item: args}))[item]
-        except Exception as error:      # orbax, tensorstore and json raise many types; report them all
-            raise CheckpointError(
-                f"cannot restore item {item!r} of the checkpoint {os.path.join(where, item)}: "
-                f"{_cause(error)}. {_REMEDY.format(where=where)}") from error
-
-    meta = load("meta", ocp.args.JsonRestore())
+    meta = _load(mngr, step, "meta", ocp.args.JsonRestore())
     if not isinstance(meta, Mapping) or meta.get("step") != step:
         raise CheckpointError(f"the checkpoint {os.path.join(where, 'meta')} holds {meta!r}, not the "
                               f"metadata of step {step}")
@@ -155,7 +184,33 @@ def restore_latest(mngr: ocp.CheckpointManager, model: nnx.Module, optimizer: nn
         raise CheckpointError(f"the checkpoint {where} does not fit this model/optimizer (another model "
                               f"configuration?):\n  " + "\n  ".join(problems))
 
-    restored = {name: load(name, ocp.args.StandardRestore(target)) for name, target in targets.items()}
+    restored = {name: _load(mngr, step, name, ocp.args.StandardRestore(target))
+                for name, target in targets.items()}
     nnx.update(model, restored["model"])
     nnx.update(optimizer, restored["optimizer"])
     return step
+
+
+def restore_best(mngr: ocp.CheckpointManager, step: int, model: nnx.Module) -> Best | None:
+    """The best evaluation stored with the checkpoint at ``step`` (None if the run had none yet), its
+    state shaped like ``model``'s. Raises ``CheckpointError`` naming the file when the checkpoint was
+    written without ``keep_best`` or its ``best`` item is missing, unreadable or of other shapes."""
+    where = step_dir(mngr, step)
+
+    meta = _load(mngr, step, "meta", ocp.args.JsonRestore())
+    if "best" not in meta:
+        raise CheckpointError(f"the checkpoint {os.path.join(where, 'meta')} was written by a run without "
+                              f"keep_best, so it holds no best model to go on from. Resume without "
+                              f"keep_best, or use another checkpoint directory.")
+    if meta["best"] is None:
+        return None
+    item_dir = os.path.join(where, "best")
+    if not os.path.isdir(item_dir):
+        raise CheckpointError(f"the checkpoint {where} is incomplete: its meta names a best model at step "
+                              f"{meta['best'].get('step')} but there is no {item_dir}")
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(model))
+    problems = describe_mismatch("best", stored_shapes(item_dir), _shapes(target))
+    if problems:
+        raise CheckpointError(f"the checkpoint {where} does not fit this model:\n  " + "\n  ".join(problems))
+    state = _load(mngr, step, "best", ocp.args.StandardRestore(target))
+    return Best(int(meta["best"]["step"]), dict(meta["best"]["metrics"]), state)

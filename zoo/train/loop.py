@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -114,6 +115,8 @@ class TrainResult:
     seconds: float
     metrics_path: str | None = None
     plot_path: str | None = None
+    # With ``keep_best``: {"step": s, **the evaluation at s}, the model left in place; else None.
+    best: dict[str, float] | None = None
 
     @property
     def losses(self) -> list[float]:
@@ -139,6 +142,8 @@ def train(
     description: str = "train",
     eval_lengths: Sequence[int] = (),
     run: Mapping[str, Any] | None = None,
+    keep_best: str | None = None,
+    keep_best_mode: str = "min",
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` updates in total on ``task.batch(0) … task.batch(steps - 1)``.
 
@@ -154,7 +159,16 @@ def train(
     ``run``: a JSON-able description of the run, stored in every checkpoint; resuming from a
     checkpoint whose description differs raises ``checkpoint.CheckpointError`` naming the fields, as
     does a corrupt checkpoint or one whose arrays do not fit the model (never a silent fresh start).
+
+    ``keep_best``: an evaluation metric (``"eval_loss"``, ``"eval_accuracy"``, ``"eval_len100_accuracy"``,
+    ...); the run remembers the model at the evaluation where it was lowest (``keep_best_mode="min"``)
+    or highest ("max"), the first such on ties, never at a NaN, and leaves that model in ``model`` at
+    the end: early stopping on a held-out split without stopping. The optimizer keeps its last state,
+    ``TrainResult.best`` says which step won, and checkpoints carry the best model too, so a resumed
+    run ends with the same one. It holds one more copy of the model's state in memory.
     """
+    if keep_best_mode not in ("min", "max"):
+        raise ValueError(f"train: keep_best_mode must be 'min' or 'max', got {keep_best_mode!r}")
     if steps < 0 or eval_every <= 0 or log_every <= 0 or eval_batches <= 0:
         raise ValueError(
             f"train: steps must be >= 0 and eval_every, log_every, eval_batches > 0; got steps={steps}, "
@@ -165,8 +179,11 @@ def train(
     began = time.perf_counter()
 
     mngr = checkpoint.manager(checkpoint_dir) if checkpoint_dir is not None else None
+    best: checkpoint.Best | None = None
     try:
         start = checkpoint.restore_latest(mngr, model, optimizer, run) if mngr is not None else 0
+        if start and keep_best is not None:
+            best = checkpoint.restore_best(mngr, start, model)
         if start > steps:
             raise ValueError(f"train: the checkpoint in {checkpoint_dir} is at step {start}, "
                              f"past steps={steps}")
@@ -207,9 +224,21 @@ def train(
         bar.set_postfix({k: f"{v:.3f}" for k, v in postfix.items() if v is not None}, refresh=False)
         bar.update(sum(1 for r in new if "loss" in r))
 
+    def consider(step: int, result: dict[str, float]) -> None:
+        """Remember the model if this evaluation is its best so far (``keep_best``)."""
+        nonlocal best
+        if keep_best is None:
+            return
+        if keep_best not in result:
+            raise ValueError(f"train: keep_best={keep_best!r} is not one of the evaluation's metrics "
+                             f"{sorted(result)}")
+        if _improves(result[keep_best], None if best is None else best.metrics[keep_best], keep_best_mode):
+            best = checkpoint.Best(step, dict(result), checkpoint.snapshot(model))
+
     try:
         if start == 0:
             final = evals[0] = evaluate(eval_step, task, eval_batches, eval_lengths)
+            consider(0, final)
             flush()
         elif start == steps:    # resumed a finished run: report the restored model, log nothing new
             final = evaluate(eval_step, task, eval_batches, eval_lengths)
@@ -218,12 +247,13 @@ def train(
             done = k + 1
             if done % eval_every == 0 or done == steps:
                 final = evals[done] = evaluate(eval_step, task, eval_batches, eval_lengths)
+                consider(done, final)
             save_now = mngr is not None and (done % checkpoint_every == 0 or done == steps)
             # Flush before saving so the log holds every record up to the checkpoint it may resume from.
             if done % log_every == 0 or done in evals or save_now:
                 flush()
             if save_now:
-                checkpoint.save(mngr, done, model, optimizer, run)
+                checkpoint.save(mngr, done, model, optimizer, run, keep_best=keep_best is not None, best=best)
         flush()
     finally:
         # On an exception (Ctrl-C included) let the checkpoint already started finish committing.
@@ -232,6 +262,8 @@ def train(
             mngr.wait_until_finished()
             mngr.close()
 
+    if best is not None:
+        nnx.update(model, best.state)
     if plot_path is not None:
         history = metrics.read_records(metrics_path) if metrics_path is not None else records
         n_classes = getattr(task, "n_classes", None)
@@ -244,4 +276,15 @@ def train(
         seconds=time.perf_counter() - began,
         metrics_path=None if metrics_path is None else str(metrics_path),
         plot_path=None if plot_path is None else str(plot_path),
+        best=None if best is None else {"step": best.step, **best.metrics},
     )
+
+
+def _improves(value: float, best: float | None, mode: str) -> bool:
+    """Whether ``value`` beats ``best`` (None: nothing yet) in ``mode``; a NaN never wins, and any
+    number beats a NaN best."""
+    if math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value < best if mode == "min" else value > best
