@@ -12,8 +12,9 @@ unknown name is an error that lists the choices). Everything else is a field of 
 with ``--config.<field>=<value>``:
 
 * ``model_config``: the chosen model's own config fields (its registry dataclass, ``zoo.get``'s
-  keywords) except ``d_model``; ``d_model``, ``n_layers``, ``mlp_ratio`` shape the ``SequenceModel``
-  around it (embedding, residual blocks, norm, per-step linear head).
+  keywords) except ``d_model``; ``d_model``, ``n_layers``, ``mlp_ratio`` and ``block`` shape the
+  ``SequenceModel`` around it (embedding, residual blocks, norm, per-step linear head; ``block=plain``
+  with ``mlp_ratio=0``: the cells stacked under a linear head, as in the classic RNN papers).
 * ``task_config``: the chosen task's keyword arguments except ``batch_size`` and ``seed``, which
   ``batch_size`` and ``seed`` set (``seed`` seeds both the initial parameters and the data).
 * ``optimizer`` (adamw, adam, sgd), ``learning_rate``, ``schedule`` (warmup_cosine, constant),
@@ -233,6 +234,7 @@ def default_config(model: str = DEFAULT_MODEL, task: str = DEFAULT_TASK) -> conf
     cfg.d_model = 64
     cfg.n_layers = 1
     cfg.mlp_ratio = 4.0
+    cfg.block = "residual"
     cfg.task = task
     cfg.task_config = task_defaults(task)
     cfg.batch_size = 32
@@ -304,7 +306,7 @@ def build_model(cfg, task):
     model_info(cfg.model)
     return SequenceModel(cfg.model, **model_inputs(task), d_model=cfg.d_model, n_layers=cfg.n_layers,
                          d_output=task.n_classes, mixer_config=cfg.model_config.to_dict(),
-                         mlp_ratio=cfg.mlp_ratio, rngs=nnx.Rngs(cfg.seed))
+                         mlp_ratio=cfg.mlp_ratio, block=cfg.block, rngs=nnx.Rngs(cfg.seed))
 
 
 def as_json(cfg) -> dict[str, Any]:

@@ -83,6 +83,37 @@ def test_sequence_model_step_matches_call_token_by_token():
         np.testing.assert_allclose(logits, want[:, t], rtol=1e-5, atol=1e-5)
 
 
+def test_plain_block_is_the_cells_stacked_under_a_linear_readout():
+    # The classic papers' network: embedding, two LSTMs, a linear head; no residual, no norm.
+    model = zoo.nn.SequenceModel("lstm", vocab_size=5, d_model=8, n_layers=2, d_output=3, mlp_ratio=0,
+                                 block="plain", rngs=nnx.Rngs(3))
+    tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, 5)
+    cell = zoo.get("lstm", d_model=8)
+    first, second = model.blocks.param_values()
+    hs = model.embed.embedding[...][tokens]
+    for params in (first, second):
+        hs = cell_loop(cell, params, hs)
+    want = hs @ model.head.kernel[...] + model.head.bias[...]
+    np.testing.assert_allclose(model(tokens), want, rtol=1e-5, atol=1e-5)
+    state = model.initial_state(2)
+    for t in range(7):
+        state, logits = model.step(state, tokens[:, t])
+        np.testing.assert_allclose(logits, want[:, t], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="block='plain' has no MLP; set mlp_ratio=0"):
+        zoo.nn.SequenceModel("lstm", vocab_size=5, d_output=2, block="plain", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="block='stacked'; choose one of"):
+        zoo.nn.SequenceModel("lstm", vocab_size=5, d_output=2, block="stacked", rngs=nnx.Rngs(0))
+
+
+def cell_loop(cell, params, xs):
+    """The recurrence as a Python loop over its own ``step``: outputs [B, T, D]."""
+    state, outputs = cell.initial_state(params, xs.shape[0]), []
+    for t in range(xs.shape[1]):
+        state, y = cell.step(params, state, xs[:, t])
+        outputs.append(y)
+    return jnp.stack(outputs, axis=1)
+
+
 def test_sequence_model_rejects_wrong_inputs():
     with pytest.raises(ValueError, match="exactly one of vocab_size"):
         zoo.nn.SequenceModel("elman", d_output=2, rngs=nnx.Rngs(0))

@@ -8,10 +8,11 @@ import numpy as np
 from flax import nnx
 
 import zoo
-from zoo.contract import AUTO, Recurrence
+from zoo.contract import AUTO, Recurrence, output_width
 from zoo.nn.recurrent import Recurrent
 
 POOLS = ("none", "last", "mean")
+BLOCKS = ("residual", "plain")
 
 
 class SequenceModel(nnx.Module):
@@ -22,20 +23,27 @@ class SequenceModel(nnx.Module):
 
     ``mixer`` is a registered name, built as ``zoo.get(mixer, d_model=d_model, **mixer_config)``
     and wrapped in ``zoo.residual(..., mlp_ratio=mlp_ratio)``; a ``zoo.Recurrence`` is used as it
-    is for every layer. Exactly one of ``vocab_size`` (integer tokens [B, T]) and ``d_input``
-    (float features [B, T, d_input]) is given. ``pool`` is "none" (per-step logits), "last"
-    (logits of the last step) or "mean" (mean over time, then the head).
+    is for every layer. ``block="plain"`` drops the residual blocks and the final norm: the layers'
+    cells are stacked directly and the head reads the last one's output, the network of the classic
+    RNN papers (Greff et al., Chung et al., Delétang et al.: a stack of LSTMs and a linear readout,
+    torch.nn.LSTM with a Linear on top); ``mlp_ratio`` must then be 0. Exactly one of ``vocab_size``
+    (integer tokens [B, T]) and ``d_input`` (float features [B, T, d_input]) is given. ``pool`` is
+    "none" (per-step logits), "last" (logits of the last step) or "mean" (mean over time, then the head).
     """
 
     def __init__(self, mixer: str | Recurrence = "lstm", *, vocab_size: int | None = None,
                  d_input: int | None = None, d_model: int = 64, n_layers: int = 2, d_output: int,
                  mixer_config: dict | None = None, mlp_ratio: float = 4, pool: str = "none",
-                 rngs: nnx.Rngs):
+                 block: str = "residual", rngs: nnx.Rngs):
         if (vocab_size is None) == (d_input is None):
             raise ValueError(f"SequenceModel: give exactly one of vocab_size (integer tokens) and d_input "
                              f"(float features); got vocab_size={vocab_size}, d_input={d_input}")
         if pool not in POOLS:
             raise ValueError(f"SequenceModel: pool={pool!r}; choose one of {POOLS}")
+        if block not in BLOCKS:
+            raise ValueError(f"SequenceModel: block={block!r}; choose one of {BLOCKS}")
+        if block == "plain" and mlp_ratio != 0:
+            raise ValueError(f"SequenceModel: block='plain' has no MLP; set mlp_ratio=0 (got {mlp_ratio})")
         if n_layers < 1:
             raise ValueError(f"SequenceModel: n_layers must be >= 1, got {n_layers}")
         if isinstance(mixer, Recurrence):
@@ -45,7 +53,8 @@ class SequenceModel(nnx.Module):
             cell = mixer
         else:
             cell = zoo.get(mixer, d_model=d_model, **(mixer_config or {}))
-        block = zoo.residual(cell, mlp_ratio=mlp_ratio)
+        layer = zoo.residual(cell, mlp_ratio=mlp_ratio) if block == "residual" else cell
+        self.block = block
         self.vocab_size = vocab_size
         self.d_input = d_input
         self.pool = pool
@@ -53,9 +62,10 @@ class SequenceModel(nnx.Module):
             self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
         else:
             self.embed = nnx.Linear(d_input, d_model, rngs=rngs)
-        self.blocks = Recurrent(zoo.stack(*[block] * n_layers), d_model, rngs=rngs)
-        self.norm = nnx.RMSNorm(d_model, rngs=rngs)
-        self.head = nnx.Linear(d_model, d_output, rngs=rngs)
+        self.blocks = Recurrent(zoo.stack(*[layer] * n_layers), d_model, rngs=rngs)
+        d_out = output_width(self.blocks.rec, self.blocks.param_values(), d_model)
+        self.norm = nnx.RMSNorm(d_model, rngs=rngs) if block == "residual" else None
+        self.head = nnx.Linear(d_out, d_output, rngs=rngs)
 
     def _embed(self, inputs, rank: int):
         """[B, T] tokens or [B, T, d_input] features (rank 3 / 2 for one time step fewer)."""
@@ -84,8 +94,11 @@ class SequenceModel(nnx.Module):
             hs = hs[:, -1]
         elif self.pool == "mean":
             hs = jnp.mean(hs, axis=1)
-        logits = self.head(self.norm(hs))
+        logits = self.head(self._normed(hs))
         return (logits, final) if return_state else logits
+
+    def _normed(self, hs):
+        return hs if self.norm is None else self.norm(hs)
 
     def initial_state(self, batch_size: int):
         return self.blocks.initial_state(batch_size)
@@ -96,7 +109,7 @@ class SequenceModel(nnx.Module):
         Matches ``__call__`` with pool="none" step by step.
         """
         state, h = self.blocks.step(state, self._embed(inputs_t, rank=2))
-        return state, self.head(self.norm(h))
+        return state, self.head(self._normed(h))
 
 
 def count_params(model: nnx.Module) -> int:
