@@ -57,6 +57,21 @@ LONG_FACTOR = 4
 LONG_RUNS = (("elman", "modular_arithmetic"), ("lstm", "modular_arithmetic"), ("lstm", "cycle_navigation"))
 QUICK_LONG_RUNS = (("lstm", "parity_check"),)
 LONG_SEEDS = (0,)
+# A fourth arm trains the paper's own network and recipe (its example script, experiments/example.py of
+# google-deepmind/neural_networks_chomsky_hierarchy): the bare cell of width 256 under a linear readout
+# (``block="plain"``; haiku's LSTM has no peepholes and a forget bias of 1, zoo's "np" variant), Adam at a
+# constant 1e-3 with the gradient clipped to norm 1, batch 128, 10k steps. Embedding and padding stay
+# zoo's. One cell, where zoo's residual LSTM fits the training lengths and fails the test lengths.
+PAPER_NET = ", paper's network"
+PAPER_NET_RUNS = (("lstm", "cycle_navigation"),)
+QUICK_PAPER_NET_RUNS = (("lstm", "parity_check"),)
+PAPER_NET_SEEDS = (0,)
+PAPER_NET_FULL = {"d_model": 256, "block": "plain", "mlp_ratio": 0.0, "batch_size": 128, "steps": 10000,
+                  "optimizer": "adam", "schedule": "constant", "learning_rate": 1e-3, "clip_norm": 1.0,
+                  "model_config.variant": "np"}
+PAPER_NET_QUICK = {"d_model": 8, "block": "plain", "mlp_ratio": 0.0, "batch_size": 2, "steps": 2,
+                   "optimizer": "adam", "schedule": "constant", "learning_rate": 1e-3, "clip_norm": 1.0,
+                   "model_config.variant": "np"}
 
 
 def arm_labels(models) -> list[str]:
@@ -67,6 +82,11 @@ def arm_labels(models) -> list[str]:
 def long_labels(long_runs) -> list[str]:
     """The row labels of the longer-training arm, each model once, in the order of ``long_runs``."""
     return list(dict.fromkeys(f"{m}{LONG}" for m, _ in long_runs))
+
+
+def paper_net_labels(paper_runs) -> list[str]:
+    """The row labels of the paper's-network arm, each model once, in the order of ``paper_runs``."""
+    return list(dict.fromkeys(f"{m}{PAPER_NET}" for m, _ in paper_runs))
 
 
 def main(argv=None) -> str:
@@ -110,7 +130,15 @@ def main(argv=None) -> str:
         for seed in LONG_SEEDS if not args.quick else seeds:
             train(f"{model}{LONG}", model, task, long_overrides, seed,
                   run_label=f"{model}-nomlp-x{LONG_FACTOR}-{task}")
-    models = models + long_labels(long_runs)
+    paper_runs = QUICK_PAPER_NET_RUNS if args.quick else PAPER_NET_RUNS
+    paper_overrides = {**shared, **(PAPER_NET_QUICK if args.quick else PAPER_NET_FULL)}
+    if not args.quick:
+        paper_overrides["task_config.train_size"] = paper_overrides["steps"] * paper_overrides["batch_size"]
+    for model, task in paper_runs:
+        for seed in PAPER_NET_SEEDS if not args.quick else seeds:
+            train(f"{model}{PAPER_NET}", model, task, paper_overrides, seed,
+                  run_label=f"{model}-papernet-{task}")
+    models = models + long_labels(long_runs) + paper_net_labels(paper_runs)
     cells = [(task, model) for task in tasks for model in models if (model, task) in results]
     wall = time.perf_counter() - began
 
@@ -163,7 +191,13 @@ def main(argv=None) -> str:
         "(each seeds the parameters and the data). "
         f"The rows \"<model>{LONG}\" train {', '.join(f'{m} on {t}' for m, t in long_runs)} without the MLP "
         f"for {long_steps} steps (training split {long_overrides.get('task_config.train_size', 'as above')}, "
-        f"lr {rates[0]:g}, seed(s) {', '.join(map(str, LONG_SEEDS if not args.quick else seeds))})."
+        f"lr {rates[0]:g}, seed(s) {', '.join(map(str, LONG_SEEDS if not args.quick else seeds))}). "
+        f"The rows \"<model>{PAPER_NET}\" train {', '.join(f'{m} on {t}' for m, t in paper_runs)} as the "
+        "paper's example script does: the bare cell (`block=plain`, LSTM variant np: haiku's LSTM) of width "
+        f"{paper_overrides['d_model']} under a linear readout, Adam at a constant lr "
+        f"{paper_overrides['learning_rate']:g}, gradients clipped to norm {paper_overrides['clip_norm']:g}, "
+        f"batch {paper_overrides['batch_size']}, {paper_overrides['steps']} steps (seed(s) "
+        f"{', '.join(map(str, PAPER_NET_SEEDS if not args.quick else seeds))})."
     )
     if args.quick:
         setting += "\n\n**--quick smoke setting: a few steps at tiny lengths; the numbers mean nothing.**"
