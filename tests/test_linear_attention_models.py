@@ -81,10 +81,20 @@ def _rotary(a, position, base):
 
 def _retnet_step(p, c, state, x):
     """Sun et al. 2023, §2.1-2.2: rotated q, k at the absolute position; S = γ_h S + k vᵀ with
-    γ_h = 1 - 2^(-5-h); o = Sᵀq / sqrt(K); GroupNorm per head; swish(x W_g) ⊙ Y; W_o."""
-    S, position = state
+    γ_h = 1 - 2^(-5-h); o = Sᵀq / sqrt(K); GroupNorm per head; swish(x W_g) ⊙ Y; W_o. With
+    ``use_short_conv`` (FLA), the projections first pass a causal depthwise convolution over the last
+    ``conv_size`` tokens (the window carries the ones before this token) and a SiLU."""
     h, dk = c["n_heads"], c["d_head"]
-    q, k, v = (_heads(x @ p[f"w_{n}"], h) for n in "qkv")
+    projections = [x @ p[f"w_{n}"] for n in "qkv"]
+    if c.get("use_short_conv"):
+        window, S, position = state
+        taps = np.concatenate([window, np.concatenate(projections, -1)[:, None]], axis=1)   # [B, C, W]
+        mixed = _silu(np.einsum("bkw,kw->bw", taps, p["conv_kernel"]) + p.get("conv_bias", 0.0))
+        projections = np.split(mixed, [h * dk, 2 * h * dk], axis=-1)
+        window = taps[:, 1:]
+    else:
+        S, position = state
+    q, k, v = (_heads(a, h) for a in projections)
     q, k = _rotary(q, position, c["rope_base"]), _rotary(k, position, c["rope_base"])
     gamma = 1 - 2.0 ** (-5.0 - np.arange(h))
     S = gamma[None, :, None, None] * S + np.einsum("bhk,bhv->bhkv", k, v)
@@ -93,7 +103,9 @@ def _retnet_step(p, c, state, x):
         o = o - o.mean(-1, keepdims=True)
     o = o / np.sqrt((o * o).mean(-1, keepdims=True) + c["norm_eps"])
     y = o.reshape(x.shape[0], -1) * p["norm_scale"] + p.get("norm_bias", 0.0)
-    return (S, position + 1), (_silu(x @ p["w_g"]) * y) @ p["w_o"]
+    y = (_silu(x @ p["w_g"]) * y) @ p["w_o"]
+    new = (S, position + 1)
+    return ((window, *new) if c.get("use_short_conv") else new), y
 
 
 def _lightning_log_decay(c):
@@ -128,7 +140,10 @@ def _fresh_reference_state(name, c, batch):
         S = np.zeros((batch, h, dk, dk))
         return (S, np.zeros((batch, h, dk))) if c["normalize"] else S
     if name == "retnet":
-        return np.zeros((batch, h, dk, c["expand_v"] * dk)), np.zeros(batch)
+        fresh = np.zeros((batch, h, dk, c["expand_v"] * dk)), np.zeros(batch)
+        if c.get("use_short_conv"):
+            fresh = (np.zeros((batch, c["conv_size"] - 1, h * dk * (2 + c["expand_v"]))), *fresh)
+        return fresh
     return np.zeros((batch, h, dk, dk))
 
 
@@ -200,9 +215,11 @@ def _close(got, want, what):
 
 def _as_reference_state(name, state):
     """The model's state as the loop's. retnet: a state in the frame of the next token, when the
-    counter is 0, is the loop's S as it stands (rotation by 0), with position 0."""
+    counter is 0, is the loop's S as it stands (rotation by 0), with position 0 (after the
+    convolution's window, when there is one)."""
     if name == "retnet":
-        return np.asarray(state, np.float64), np.zeros(state.shape[0])
+        *window, S = jax.tree.map(lambda s: np.asarray(s, np.float64), jax.tree.leaves(state))
+        return (*window, S, np.zeros(S.shape[0]))
     return jax.tree.map(lambda s: np.asarray(s, np.float64), state)
 
 
@@ -210,10 +227,11 @@ def _as_model_state(name, state):
     """The loop's final state in the model's form. retnet: every key of S turned back by the position
     counter, into the frame of the next token (rotation along K by -position)."""
     if name == "retnet":
-        S, position = state
+        *window, S, position = state
         turned = _rotary(np.swapaxes(S, -1, -2).reshape(S.shape[0], -1, S.shape[-2]), -position,
                          CONFIGS["retnet"]["rope_base"])
-        return np.swapaxes(turned.reshape(np.swapaxes(S, -1, -2).shape), -1, -2)
+        S = np.swapaxes(turned.reshape(np.swapaxes(S, -1, -2).shape), -1, -2)
+        return (*window, S) if window else S
     return state
 
 
@@ -250,6 +268,38 @@ def test_retnet_steps_continue_an_apply_at_the_right_positions():
     _, y_b = rec.step(params, state, xs[:, -1])
     ys_ref, _ = _reference("retnet", c, params, xs)
     _close(jnp.stack([y_a, y_b], axis=1), ys_ref[:, -2:], "retnet: steps after apply")
+
+
+RETNET_SHORT_CONV = {"use_short_conv": True, "conv_size": 3, "conv_bias": True}
+
+
+@pytest.mark.parametrize("mode", _sequential_then_slow(MODES))
+def test_retnet_short_conv_equals_the_loop_from_a_random_state_both_directions(mode):
+    rec, c, params, xs = _setup("retnet", seed=6, **RETNET_SHORT_CONV)
+    assert params["conv_kernel"].shape == (3, 3 * 4 * (2 + 2)) and "conv_bias" in params
+    state = _random_state(rec, params, jax.random.key(7))
+    for reverse in (False, True):
+        ys, final = rec.apply(params, xs, state=state, reset=RESET, mode=mode, reverse=reverse)
+        ys_ref, final_ref = _reference("retnet", c, params, xs, RESET, reverse,
+                                       _as_reference_state("retnet", state))
+        _close(ys, ys_ref, f"retnet short conv {mode} reverse={reverse}: outputs")
+        for got, want, what in zip(final, _as_model_state("retnet", final_ref), ("window", "S"), strict=True):
+            _close(got, want, f"retnet short conv {mode} reverse={reverse}: {what}")
+
+
+def test_retnet_short_conv_steps_carry_the_window_after_an_apply():
+    """Prefill then decode: the window and S that apply leaves feed step, token by token."""
+    rec, c, params, xs = _setup("retnet", seed=8, **RETNET_SHORT_CONV)
+    _, state = rec.apply(params, xs[:, :T_SPLIT], mode="chunked")
+    outputs = []
+    for t in range(T_SPLIT, T):
+        state, y_t = rec.step(params, state, xs[:, t])
+        outputs.append(y_t)
+    ys_ref, _ = _reference("retnet", c, params, xs)
+    _close(jnp.stack(outputs, axis=1), ys_ref[:, T_SPLIT:], "retnet short conv: steps after apply")
+    info = zoo.list_models()["retnet"]
+    assert info.state_size(**CONFIGS["retnet"], **RETNET_SHORT_CONV) == sum(
+        np.prod(a.shape[1:]) for a in jax.tree.leaves(state))
 
 
 @pytest.mark.parametrize("name,overrides", [
@@ -293,6 +343,8 @@ def test_registered_on_the_matrix_engine_with_its_paper(name, title):
     ("retnet", {"norm": "layer"}, "norm"),
     ("retnet", {"expand_v": 0}, "expand_v"),
     ("retnet", {"rope_base": 1.0}, "rope_base"),
+    ("retnet", {"use_short_conv": 1}, "use_short_conv"),
+    ("retnet", {"use_short_conv": True, "conv_size": 0}, "conv_size"),
     ("lightning", {"layer_idx": 2, "num_layers": 2}, "layer_idx"),
     ("lightning", {"decay": "linear"}, "decay"),
     ("lightning", {"gate_act": "tanh"}, "gate_act"),

@@ -9,6 +9,11 @@ mixer, per head h with key width K and value width V = expand_v · K (x_t ∈ R^
     Y_t = GroupNorm_H([o_t^1; ...; o_t^H])                                one group per head
     y_t = W_o (swish(W_g x_t) ⊙ Y_t)
 
+``use_short_conv=True`` (FLA's option, off by default as there) first replaces the projections
+[W_q x, W_k x, W_v x] by SiLU(conv1d_C(·)_t), a causal depthwise convolution of ``conv_size`` = C taps
+(FLA's ``ShortConvolution``), before the rotation: each token's q, k, v then also see the C − 1 tokens
+before it, which associative recall needs (Zoology; "Just read twice").
+
 Θ_t is rotary position embedding (RoFormer's e^{itθ}, ``zoo.ops.softmax.rotate``): entry i of each
 head is paired with entry i + K/2 and turned by t·θ_i, θ_i = base^(-2i/K). So
 ``q_tᵀ k_s = (W_q x_t)ᵀ R((s - t)θ) (W_k x_s)`` depends on the offset only: the paper's relative
@@ -44,7 +49,8 @@ Differences, and why:
   rotations in float32 (cast back to the compute dtype); the engine accumulates in float32; the norm's
   statistics are float32; the state is float32.
 
-State: S [B, H, K, V] float32, in the next token's frame. Engine: matrix (``zoo.ops.retention``),
+State: S [B, H, K, V] float32, in the next token's frame; with ``use_short_conv`` the pair
+(window [B, C − 1, 2HK + HV] of the last projections, S). Engine: matrix (``zoo.ops.retention``),
 modes ``"chunked"`` (default), ``"parallel"``, ``"sequential"``.
 """
 
@@ -59,7 +65,9 @@ import numpy as np
 from zoo.contract import make_recurrence
 from zoo.models._common import check_chunk_size, dense_init
 from zoo.models._matrix_common import check_positive_ints, head_norm, run_op, run_op_one_token, split_heads
-from zoo.ops import retention
+from zoo.models.deltanet import check_bools, qkv_projection
+from zoo.models.mamba2 import conv_init
+from zoo.ops import conv1d, retention
 from zoo.ops.matrix import MODES
 from zoo.ops.softmax import Rope, rotate
 from zoo.registry import register
@@ -75,10 +83,14 @@ class RetNetConfig:
     norm: str = "group"         # "group" (the paper's GroupNorm) or "rms" (FLA)
     norm_eps: float = 1e-6      # torchscale's layernorm_eps
     chunk_size: int = 8         # engine chunk in mode="chunked"
+    use_short_conv: bool = False     # FLA's default
+    conv_size: int = 4
+    conv_bias: bool = False
 
     def __post_init__(self):
         model = "retnet"
-        check_positive_ints(model, self, ("d_model", "n_heads", "d_head", "expand_v"))
+        check_positive_ints(model, self, ("d_model", "n_heads", "d_head", "expand_v", "conv_size"))
+        check_bools(model, self, ("use_short_conv", "conv_bias"))
         check_chunk_size(model, self.chunk_size)
         if self.d_head % 2:
             raise ValueError(f"retnet: d_head must be even (rotary turns pairs), got {self.d_head}")
@@ -94,8 +106,15 @@ class RetNetConfig:
         return self.expand_v * self.d_head
 
 
+    @property
+    def conv_width(self) -> int:
+        """Channels of the short convolution: the q, k and v projections side by side."""
+        return self.n_heads * (2 * self.d_head + self.d_value)
+
+
 def _state_size(c: RetNetConfig) -> int:
-    return c.n_heads * c.d_head * c.d_value
+    window = (c.conv_size - 1) * c.conv_width if c.use_short_conv else 0
+    return window + c.n_heads * c.d_head * c.d_value
 
 
 def rotate_keys_of_state(S: jax.Array, offset: int, rope: Rope) -> jax.Array:
@@ -117,21 +136,26 @@ def build(config: RetNetConfig):
     rope = Rope(dk, float(config.rope_base))
 
     def init(key, d_in):
-        k_q, k_k, k_v, k_g, k_o = jax.random.split(key, 5)
+        k_q, k_k, k_v, k_g, k_o, k_conv = jax.random.split(key, 6)
         params = {"w_q": dense_init(k_q, d_in, heads * dk), "w_k": dense_init(k_k, d_in, heads * dk),
                   "w_v": dense_init(k_v, d_in, heads * dv), "w_g": dense_init(k_g, d_in, heads * dv),
                   "w_o": dense_init(k_o, heads * dv, config.d_model),
                   "norm_scale": jnp.ones((heads * dv,), jnp.float32)}
         if config.norm == "group":
             params["norm_bias"] = jnp.zeros((heads * dv,), jnp.float32)
+        if config.use_short_conv:
+            params.update(conv_init(k_conv, config.conv_size, config.conv_width, config.conv_bias))
         return params
 
     def initial_state(params, batch):
-        return jnp.zeros((batch, heads, dk, dv), jnp.float32)
+        S = jnp.zeros((batch, heads, dk, dv), jnp.float32)
+        if config.use_short_conv:
+            return jnp.zeros((batch, config.conv_size - 1, config.conv_width), jnp.float32), S
+        return S
 
-    def qkv(params, x):
-        """[..., d_in] -> q, k [..., H, K] and v [..., H, V], unrotated, in x's dtype."""
-        q, k, v = (x @ params[f"w_{n}"].astype(x.dtype) for n in "qkv")
+    def qkv(mixed):
+        """[..., 2HK + HV] projections -> q, k [..., H, K] and v [..., H, V], unrotated."""
+        q, k, v = jnp.split(mixed, (heads * dk, 2 * heads * dk), axis=-1)
         return split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
 
     def readout(params, o, x):
@@ -142,19 +166,32 @@ def build(config: RetNetConfig):
         return (gate * y) @ params["w_o"].astype(x.dtype)
 
     def step(params, state, x_t):
+        mixed, S = qkv_projection(params, x_t), state
+        if config.use_short_conv:
+            window, S = state
+            window, mixed = conv1d.step(params["conv_kernel"], params.get("conv_bias"), window, mixed)
+            mixed = jax.nn.silu(mixed)
         # The state is in this token's frame, so q and k go in unrotated (position 0).
-        o, state = run_op_one_token(retention, *qkv(params, x_t), state=state)
-        return rotate_keys_of_state(state, -1, rope), readout(params, o, x_t)
+        o, S = run_op_one_token(retention, *qkv(mixed), state=S)
+        S = rotate_keys_of_state(S, -1, rope)
+        return ((window, S) if config.use_short_conv else S), readout(params, o, x_t)
 
     def apply(params, xs, state, reset, mode, reverse):
         time = xs.shape[1]
-        q, k, v = qkv(params, xs)
+        mixed, S = qkv_projection(params, xs), state
+        if config.use_short_conv:
+            window, S = state
+            mixed, window = conv1d.apply(mixed, params["conv_kernel"], params.get("conv_bias"),
+                                         initial_state=window, reset=reset, reverse=reverse)
+            mixed = jax.nn.silu(mixed)
+        q, k, v = qkv(mixed)
         # Place of each token in the order of processing; [T, 1] broadcasts over batch and heads.
         place = np.arange(time)[::-1] if reverse else np.arange(time)
         q, k = (rotate_in_float32(a, place[:, None], rope) for a in (q, k))
-        o, state = run_op(retention, q, k, v, state=state, reset=reset, mode=mode, reverse=reverse,
-                          chunk_size=config.chunk_size)
-        return readout(params, o, xs), rotate_keys_of_state(state, -time, rope)
+        o, S = run_op(retention, q, k, v, state=S, reset=reset, mode=mode, reverse=reverse,
+                      chunk_size=config.chunk_size)
+        S = rotate_keys_of_state(S, -time, rope)
+        return readout(params, o, xs), ((window, S) if config.use_short_conv else S)
 
     step, apply = jax.jit(step), jax.jit(apply, static_argnums=(4, 5))
     return make_recurrence("retnet", init=init, initial_state=initial_state, step=step, apply=apply,
