@@ -36,10 +36,11 @@ QUICK_FAMILIES = {"linear attention": ("linear_transformer",), "SSM": ("lru",), 
 # changed). The range of the per-head decay rate A at init: in probes at d_model 32, seed 0,
 # gated_deltanet stayed at chance (held-out loss ln 32) with FLA's A in (0, 16] and learned recall with
 # A in (0, 1] (0.73) or with A = 0.01 in every head (0.998); mamba2 reached 0.11 with mamba_ssm's
-# [1, 16) and 0.37 with [0.01, 1). GLA with FLA's short convolution (off by default in FLA and here),
-# which deltanet and gated_deltanet have by default. The notes compare each variant with its model.
+# [1, 16) and 0.37 with [0.01, 1). GLA and RetNet with FLA's short convolution (off by default in FLA
+# and here), which deltanet and gated_deltanet have by default. The notes compare each variant with its model.
 VARIANTS = {
-    "linear attention": (("gla, short conv", "gla", {"use_short_conv": True}, "the short convolution"),),
+    "linear attention": (("gla, short conv", "gla", {"use_short_conv": True}, "the short convolution"),
+                         ("retnet, short conv", "retnet", {"use_short_conv": True}, "the short convolution")),
     "SSM": (("mamba2, A in [0.01, 1)", "mamba2", {"a_init_range": (0.01, 1.0)}, "the decay init"),),
     "delta rule": (("gated_deltanet, A in (0, 1]", "gated_deltanet", {"a_init_range": (0.0, 1.0)},
                     "the decay init"),),
@@ -137,8 +138,9 @@ def main(argv=None) -> str:
         setting += (" The rows " + ", ".join(f"\"{label}\"" for v in VARIANTS.values() for label, *_ in v)
                     + " train that model again with one field changed, shown in the model config column: "
                     "the range that A, the decay rate of each head, is drawn from at init (the defaults "
-                    "are FLA's (0, 16] for gated_deltanet and mamba_ssm's [1, 16) for mamba2), or GLA's "
-                    "short convolution (FLA's `use_short_conv`, 4 taps, then SiLU, on q, k and v).")
+                    "are FLA's (0, 16] for gated_deltanet and mamba_ssm's [1, 16) for mamba2), or the "
+                    "short convolution of GLA and RetNet (FLA's `use_short_conv`, 4 taps, then SiLU, on q, "
+                    "k and v).")
     if args.quick:
         setting += ("\n\n**--quick smoke setting: one model per family, a few steps of tiny models; the "
                     "numbers mean nothing.**")
