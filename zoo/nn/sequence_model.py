@@ -63,7 +63,9 @@ class SequenceModel(nnx.Module):
         else:
             self.embed = nnx.Linear(d_input, d_model, rngs=rngs)
         self.blocks = Recurrent(zoo.stack(*[layer] * n_layers), d_model, rngs=rngs)
-        d_out = output_width(self.blocks.rec, self.blocks.param_values(), d_model)
+        # A residual block returns its input's width; a bare cell may not (a bidirectional concat).
+        d_out = d_model if block == "residual" else output_width(self.blocks.rec, self.blocks.param_values(),
+                                                                 d_model)
         self.norm = nnx.RMSNorm(d_model, rngs=rngs) if block == "residual" else None
         self.head = nnx.Linear(d_out, d_output, rngs=rngs)
 
