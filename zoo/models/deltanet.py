@@ -126,6 +126,20 @@ def qkv_projection(params: dict, x: jax.Array) -> jax.Array:
     return jnp.concatenate([project(x, params[w]) for w in ("w_q", "w_k", "w_v")], axis=-1)
 
 
+def short_conv_step(params: dict, window: jax.Array, qkv: jax.Array):
+    """FLA's ShortConvolution for one token: ``(window, SiLU(conv(qkv)))`` from the last C − 1 tokens'
+    projections ``window`` [B, C − 1, W] and this token's ``qkv`` [B, W]."""
+    window, qkv = conv1d.step(params["conv_kernel"], params.get("conv_bias"), window, qkv)
+    return window, jax.nn.silu(qkv)
+
+
+def short_conv_apply(params: dict, qkv: jax.Array, window: jax.Array, reset, reverse: bool):
+    """FLA's ShortConvolution over [B, T, W] projections: ``(SiLU(conv(qkv)), final window)``."""
+    qkv, window = conv1d.apply(qkv, params["conv_kernel"], params.get("conv_bias"), initial_state=window,
+                               reset=reset, reverse=reverse)
+    return jax.nn.silu(qkv), window
+
+
 def split_qkv(qkv: jax.Array, heads: int, key_dim: int):
     """[..., 2HK + HV] -> q, k [..., H, K], v [..., H, V]."""
     q, k, v = jnp.split(qkv, (key_dim, 2 * key_dim), axis=-1)
@@ -165,9 +179,11 @@ def delta_recurrence(name: str, config, *, op: Callable, init: Callable, gates: 
         qkv = qkv_projection(params, x_t)
         conv_state = ()
         if config.use_short_conv:
-            window, qkv = conv1d.step(params["conv_kernel"], params.get("conv_bias"), state[0], qkv)
+            window, qkv = short_conv_step(params, state[0], qkv)
             conv_state = (window,)
-        q, k, v = split_qkv(jax.nn.silu(qkv), heads, key_dim)
+        else:
+            qkv = jax.nn.silu(qkv)
+        q, k, v = split_qkv(qkv, heads, key_dim)
         o, memory = run_op_one_token(op, q, k, v, *gates(params, x_t), state=state[-1], **op_kwargs)
         return (*conv_state, memory), read_out(params, o, x_t, config)
 
@@ -175,10 +191,11 @@ def delta_recurrence(name: str, config, *, op: Callable, init: Callable, gates: 
         qkv = qkv_projection(params, xs)
         conv_state = ()
         if config.use_short_conv:
-            qkv, window = conv1d.apply(qkv, params["conv_kernel"], params.get("conv_bias"),
-                                       initial_state=state[0], reset=reset, reverse=reverse)
+            qkv, window = short_conv_apply(params, qkv, state[0], reset, reverse)
             conv_state = (window,)
-        q, k, v = split_qkv(jax.nn.silu(qkv), heads, key_dim)
+        else:
+            qkv = jax.nn.silu(qkv)
+        q, k, v = split_qkv(qkv, heads, key_dim)
         o, memory = run_op(op, q, k, v, *gates(params, xs), state=state[-1], reset=reset, mode=mode,
                            reverse=reverse, chunk_size=config.chunk_size, **op_kwargs)
         return read_out(params, o, xs, config), (*conv_state, memory)

@@ -64,9 +64,14 @@ from zoo.models._matrix_common import (
     run_op_one_token,
     split_heads,
 )
-from zoo.models.deltanet import check_bools, mixer_state_size, qkv_projection
+from zoo.models.deltanet import (
+    check_bools,
+    mixer_state_size,
+    qkv_projection,
+    short_conv_apply,
+    short_conv_step,
+)
 from zoo.models.mamba2 import conv_init
-from zoo.ops import conv1d
 from zoo.ops.matrix import MODES
 from zoo.registry import register
 
@@ -179,8 +184,7 @@ def build(config: GLAConfig):
         S = state
         if config.use_short_conv:
             window, S = state
-            window, qkv = conv1d.step(params["conv_kernel"], params.get("conv_bias"), window, qkv)
-            qkv = jax.nn.silu(qkv)
+            window, qkv = short_conv_step(params, window, qkv)
         o, S = run_op_one_token(ops.gla, *recurrence_inputs(params, x_t, config, qkv), state=S)
         return ((window, S) if config.use_short_conv else S), read_out(params, o, x_t, config)
 
@@ -189,9 +193,7 @@ def build(config: GLAConfig):
         S = state
         if config.use_short_conv:
             window, S = state
-            qkv, window = conv1d.apply(qkv, params["conv_kernel"], params.get("conv_bias"),
-                                       initial_state=window, reset=reset, reverse=reverse)
-            qkv = jax.nn.silu(qkv)
+            qkv, window = short_conv_apply(params, qkv, window, reset, reverse)
         o, S = run_op(ops.gla, *recurrence_inputs(params, xs, config, qkv), state=S, reset=reset,
                       mode=engine_mode(mode), reverse=reverse, chunk_size=config.chunk_size)
         return read_out(params, o, xs, config), ((window, S) if config.use_short_conv else S)

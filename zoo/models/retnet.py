@@ -65,9 +65,15 @@ import numpy as np
 from zoo.contract import make_recurrence
 from zoo.models._common import check_chunk_size, dense_init
 from zoo.models._matrix_common import check_positive_ints, head_norm, run_op, run_op_one_token, split_heads
-from zoo.models.deltanet import check_bools, qkv_projection
+from zoo.models.deltanet import (
+    check_bools,
+    mixer_state_size,
+    qkv_projection,
+    short_conv_apply,
+    short_conv_step,
+)
 from zoo.models.mamba2 import conv_init
-from zoo.ops import conv1d, retention
+from zoo.ops import retention
 from zoo.ops.matrix import MODES
 from zoo.ops.softmax import Rope, rotate
 from zoo.registry import register
@@ -113,8 +119,7 @@ class RetNetConfig:
 
 
 def _state_size(c: RetNetConfig) -> int:
-    window = (c.conv_size - 1) * c.conv_width if c.use_short_conv else 0
-    return window + c.n_heads * c.d_head * c.d_value
+    return mixer_state_size(c, c.n_heads * c.d_head, c.n_heads * c.d_value)   # (the window and) S
 
 
 def rotate_keys_of_state(S: jax.Array, offset: int, rope: Rope) -> jax.Array:
@@ -169,8 +174,7 @@ def build(config: RetNetConfig):
         mixed, S = qkv_projection(params, x_t), state
         if config.use_short_conv:
             window, S = state
-            window, mixed = conv1d.step(params["conv_kernel"], params.get("conv_bias"), window, mixed)
-            mixed = jax.nn.silu(mixed)
+            window, mixed = short_conv_step(params, window, mixed)
         # The state is in this token's frame, so q and k go in unrotated (position 0).
         o, S = run_op_one_token(retention, *qkv(mixed), state=S)
         S = rotate_keys_of_state(S, -1, rope)
@@ -181,9 +185,7 @@ def build(config: RetNetConfig):
         mixed, S = qkv_projection(params, xs), state
         if config.use_short_conv:
             window, S = state
-            mixed, window = conv1d.apply(mixed, params["conv_kernel"], params.get("conv_bias"),
-                                         initial_state=window, reset=reset, reverse=reverse)
-            mixed = jax.nn.silu(mixed)
+            mixed, window = short_conv_apply(params, mixed, window, reset, reverse)
         q, k, v = qkv(mixed)
         # Place of each token in the order of processing; [T, 1] broadcasts over batch and heads.
         place = np.arange(time)[::-1] if reverse else np.arange(time)
