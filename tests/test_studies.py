@@ -41,7 +41,8 @@ def expected_rows(name: str, module) -> tuple[str, list[str]]:
         main_arms = [m for _ in module.QUICK_TASKS for m in module.arm_labels(module.QUICK_MODELS)
                      for _ in module.QUICK_LEARNING_RATES]
         return "Every run", (main_arms + module.long_labels(module.QUICK_LONG_RUNS)
-                             + module.paper_net_labels(module.QUICK_PAPER_NET_RUNS))
+                             + module.paper_net_labels(module.QUICK_PAPER_NET_RUNS)
+                             + [module.ablation_label(factor) for factor, _, _ in module.QUICK_ABLATIONS])
     if name == "mqar":
         return "Accuracy against state size", [family for family, names in module.QUICK_FAMILIES.items()
                                                for _ in names]
