@@ -108,10 +108,11 @@ def build(config: GRUConfig):
     def pointwise(params, pre, h):
         pre_x, pre_h = pre
         pre_h = pre_h + params["bias_rec"].astype(pre_h.dtype)
-        rz = jax.nn.sigmoid(pre_x[..., :2 * d] + pre_h[..., :2 * d])
-        r, z = rz[..., :d], rz[..., d:]
-        n = jnp.tanh(pre_x[..., 2 * d:] + r * pre_h[..., 2 * d:])
-        return mix(z, n, h)
+        # Splits, not slices: the VJP of a split is a concatenate, each slice's a pad of the whole row.
+        x_rz, x_n = jnp.split(pre_x, [2 * d], axis=-1)
+        h_rz, h_n = jnp.split(pre_h, [2 * d], axis=-1)
+        r, z = jnp.split(jax.nn.sigmoid(x_rz + h_rz), 2, axis=-1)
+        return mix(z, jnp.tanh(x_n + r * h_n), h)
 
     def diagonal_cell(params, h, pre_x):
         """ParaGRU from the hoisted input part: every product with h is element-wise."""
