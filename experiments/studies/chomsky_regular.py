@@ -95,7 +95,7 @@ ABLATIONS = (                   # (the factor as the row names it, its run-folde
     ("width 256", "d256", {"d_model": 256}),
 )
 QUICK_ABLATIONS = ABLATIONS[:1]
-ABLATION_SEEDS = (0, 1)
+ABLATION_SEEDS = (0,)
 
 
 def arm_labels(models) -> list[str]:
