@@ -113,6 +113,13 @@ def paper_net_labels(paper_runs) -> list[str]:
     return list(dict.fromkeys(f"{m}{PAPER_NET}" for m, _ in paper_runs))
 
 
+def fresh_examples(overrides: dict) -> dict:
+    """``overrides`` with a training split of steps x batch examples, so that no example repeats (the
+    paper samples fresh examples at every step). An existing split size keeps its place in the dict,
+    and so in the run's command line, which keys the cache of finished runs."""
+    return {**overrides, "task_config.train_size": overrides["steps"] * overrides["batch_size"]}
+
+
 def ablation_label(factor: str) -> str:
     """The row label of the ablation that changes ``factor`` in the "lstm, no MLP" arm."""
     return f"lstm{NO_MLP} + {factor}"
@@ -131,7 +138,7 @@ def main(argv=None) -> str:
     if args.quick and args.seeds is None:
         seeds = [0]                             # the smoke run: one seed at each of two rates
     if not args.quick:
-        shared["task_config.train_size"] = shared["steps"] * shared["batch_size"]
+        shared = fresh_examples(shared)
     base_models = QUICK_MODELS if args.quick else MODELS
     no_mlp_seeds = seeds if args.quick else [s for s in NO_MLP_SEEDS if s in seeds] or seeds[:1]
     arms = [(m, m, {}, seeds) for m in base_models]
@@ -161,7 +168,7 @@ def main(argv=None) -> str:
     long_overrides = {**shared, "mlp_ratio": 0.0, "steps": long_steps, "learning_rate": rates[0],
                       "eval_every": shared["eval_every"] * LONG_FACTOR}
     if not args.quick:
-        long_overrides["task_config.train_size"] = long_steps * shared["batch_size"]
+        long_overrides = fresh_examples(long_overrides)
     for model, task in long_runs:
         for seed in LONG_SEEDS if not args.quick else seeds:
             train(f"{model}{LONG}", model, task, long_overrides, seed,
@@ -169,7 +176,7 @@ def main(argv=None) -> str:
     paper_runs = QUICK_PAPER_NET_RUNS if args.quick else PAPER_NET_RUNS
     paper_overrides = {**shared, **(PAPER_NET_QUICK if args.quick else PAPER_NET_FULL)}
     if not args.quick:
-        paper_overrides["task_config.train_size"] = paper_overrides["steps"] * paper_overrides["batch_size"]
+        paper_overrides = fresh_examples(paper_overrides)
     for model, task in paper_runs:
         for seed in PAPER_NET_SEEDS if not args.quick else seeds:
             train(f"{model}{PAPER_NET}", model, task, paper_net_overrides(paper_overrides, model), seed,
@@ -179,7 +186,7 @@ def main(argv=None) -> str:
     for factor, slug, change in ablations:
         overrides = {**shared, "mlp_ratio": 0.0, "learning_rate": rates[0], **change}
         if not args.quick:
-            overrides["task_config.train_size"] = overrides["steps"] * overrides["batch_size"]
+            overrides = fresh_examples(overrides)
         for seed in ABLATION_SEEDS if not args.quick else seeds:
             train(ablation_label(factor), "lstm", ablation_task, overrides, seed,
                   run_label=f"lstm-nomlp-{slug}-{ablation_task}")
