@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-STUDIES = ("bach_chorales", "selective_copy", "chomsky", "chomsky_regular", "mqar", "char_lm")
+STUDIES = ("bach_chorales", "selective_copy", "chomsky", "chomsky_regular", "chomsky_counter", "mqar",
+           "char_lm")
 HEADER = ("**Command:** `.venv/bin/python -m experiments.studies.", "**Hardware:**", "CPU cores usable",
           "**Wall time:**", "**Seeds:** 0")
 
@@ -43,6 +44,8 @@ def expected_rows(name: str, module) -> tuple[str, list[str]]:
         return "Every run", (main_arms + module.long_labels(module.QUICK_LONG_RUNS)
                              + module.paper_net_labels(module.QUICK_PAPER_NET_RUNS)
                              + [module.ablation_label(factor) for factor, _, _ in module.QUICK_ABLATIONS])
+    if name == "chomsky_counter":            # one run per quick seed, then the mean over seeds
+        return "Test accuracy per run", ["0", "mean ± sd"]
     if name == "mqar":
         return "Accuracy against state size", [family for family, names in module.QUICK_FAMILIES.items()
                                                for _ in names]
@@ -71,6 +74,11 @@ def test_each_study_quick_writes_its_table(name, tmp_path, data_dir, monkeypatch
         best_run = max((row for row in rows if row[:2] == [label, task]), key=lambda row: float(row[4]))
         assert summary[1][3].startswith(f"{float(best_run[4]):.4g} (lr {best_run[2]}, seed {best_run[3]};"), \
             (summary, rows)
+    if name == "chomsky_counter":   # the paper's score of a run is the mean of its per-length accuracies
+        curve = sections(text)["Accuracy at each test length"]
+        assert [row[0] for row in curve[1:]] == [str(n) for n in module.QUICK_EVAL_LENGTHS]
+        per_length = [float(row[1]) for row in curve[1:]]
+        assert float(rows[0][1]) == pytest.approx(sum(per_length) / len(per_length), abs=1e-4), (rows, curve)
     # Every number of the table comes from a run: no cell of a metric column is empty.
     assert all(cell not in ("", "n/a") for row in rows for cell in row)
 
