@@ -1,6 +1,7 @@
 """Pieces shared by the matrix-memory models (linear attention, RetNet, GLA, HGRN2, GateLoop, mLSTM,
-RWKV-6, Lightning): head reshapes, per-head normalisation, and running a ``zoo.ops.matrix_ops`` op
-for one token so that ``step`` and ``apply`` share one code path."""
+RWKV-6, Lightning, DeltaNet): head reshapes, per-head normalisation, running a ``zoo.ops.matrix_ops``
+op for one token so that ``step`` and ``apply`` share one code path, and FLA's q/k/v projection with
+its short convolution (DeltaNet, Gated DeltaNet, GLA, RetNet)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.models._common import chunk_kwargs
+from zoo.ops import conv1d
 
 
 def check_positive_int(model: str, name: str, value) -> None:
@@ -104,3 +106,39 @@ def run_op_one_token(op, *args, state, **kwargs):
     with_time = [a[:, None] for a in args]
     o, state = op(*with_time, initial_state=state, output_final_state=True, mode="sequential", **kwargs)
     return o[:, 0], state
+
+
+# --------------------------------------------------------------------------------------------
+# FLA's q/k/v projection and short convolution.
+
+
+def check_bools(model: str, config, names) -> None:
+    for name in names:
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{model}: {name} must be a bool, got {getattr(config, name)!r}")
+
+
+def qkv_projection(params: dict, x: jax.Array) -> jax.Array:
+    """[W_q x, W_k x, W_v x] concatenated, [..., 2HK + HV], in x's dtype."""
+    return jnp.concatenate([project(x, params[w]) for w in ("w_q", "w_k", "w_v")], axis=-1)
+
+
+def short_conv_step(params: dict, window: jax.Array, qkv: jax.Array):
+    """FLA's ShortConvolution for one token: ``(window, SiLU(conv(qkv)))`` from the last C − 1 tokens'
+    projections ``window`` [B, C − 1, W] and this token's ``qkv`` [B, W]."""
+    window, qkv = conv1d.step(params["conv_kernel"], params.get("conv_bias"), window, qkv)
+    return window, jax.nn.silu(qkv)
+
+
+def short_conv_apply(params: dict, qkv: jax.Array, window: jax.Array, reset, reverse: bool):
+    """FLA's ShortConvolution over [B, T, W] projections: ``(SiLU(conv(qkv)), final window)``."""
+    qkv, window = conv1d.apply(qkv, params["conv_kernel"], params.get("conv_bias"), initial_state=window,
+                               reset=reset, reverse=reverse)
+    return jax.nn.silu(qkv), window
+
+
+def mixer_state_size(config, key_dim: int, value_dim: int) -> int:
+    """Floats per sequence of the mixer's state: the short convolution's window of the last C − 1
+    projections (if it has one) and each head's K x V memory."""
+    conv = (config.conv_size - 1) * (2 * key_dim + value_dim) if config.use_short_conv else 0
+    return conv + key_dim * value_dim // config.n_heads

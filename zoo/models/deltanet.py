@@ -53,16 +53,21 @@ from zoo.contract import make_recurrence
 from zoo.models._common import check_chunk_size, dense_init
 from zoo.models._matrix_common import (
     ExpandedHeadWidths,
+    check_bools,
     check_positive_float,
     check_positive_ints,
     head_norm,
+    mixer_state_size,
     project,
+    qkv_projection,
     run_op,
     run_op_one_token,
+    short_conv_apply,
+    short_conv_step,
     split_heads,
 )
 from zoo.models.mamba2 import conv_init
-from zoo.ops import conv1d, delta_ops
+from zoo.ops import delta_ops
 from zoo.registry import register
 
 PAPER = "Parallelizing Linear Transformers with the Delta Rule over Sequence Length"
@@ -94,12 +99,6 @@ class DeltaNetConfig(ExpandedHeadWidths):
         self.check_head_widths("deltanet")
 
 
-def check_bools(model: str, config, names) -> None:
-    for name in names:
-        if not isinstance(getattr(config, name), bool):
-            raise ValueError(f"{model}: {name} must be a bool, got {getattr(config, name)!r}")
-
-
 # --------------------------------------------------------------------------------------------
 # Pieces shared with Gated DeltaNet.
 
@@ -119,25 +118,6 @@ def init_mixer(key: jax.Array, d_in: int, config, key_dim: int, value_dim: int) 
     if config.use_gate:
         params["w_g"] = dense_init(keys[5], d_in, value_dim)
     return params
-
-
-def qkv_projection(params: dict, x: jax.Array) -> jax.Array:
-    """[W_q x, W_k x, W_v x] concatenated, [..., 2HK + HV], in x's dtype."""
-    return jnp.concatenate([project(x, params[w]) for w in ("w_q", "w_k", "w_v")], axis=-1)
-
-
-def short_conv_step(params: dict, window: jax.Array, qkv: jax.Array):
-    """FLA's ShortConvolution for one token: ``(window, SiLU(conv(qkv)))`` from the last C − 1 tokens'
-    projections ``window`` [B, C − 1, W] and this token's ``qkv`` [B, W]."""
-    window, qkv = conv1d.step(params["conv_kernel"], params.get("conv_bias"), window, qkv)
-    return window, jax.nn.silu(qkv)
-
-
-def short_conv_apply(params: dict, qkv: jax.Array, window: jax.Array, reset, reverse: bool):
-    """FLA's ShortConvolution over [B, T, W] projections: ``(SiLU(conv(qkv)), final window)``."""
-    qkv, window = conv1d.apply(qkv, params["conv_kernel"], params.get("conv_bias"), initial_state=window,
-                               reset=reset, reverse=reverse)
-    return jax.nn.silu(qkv), window
 
 
 def split_qkv(qkv: jax.Array, heads: int, key_dim: int):
@@ -204,11 +184,6 @@ def delta_recurrence(name: str, config, *, op: Callable, init: Callable, gates: 
     step, apply = jax.jit(step), jax.jit(apply, static_argnums=(4, 5))
     return make_recurrence(name, init=init, initial_state=initial_state, step=step, apply=apply,
                            input_width=lambda p: p["w_q"].shape[0], modes=MODES, default_d_in=config.d_model)
-
-
-def mixer_state_size(config, key_dim: int, value_dim: int) -> int:
-    conv = (config.conv_size - 1) * (2 * key_dim + value_dim) if config.use_short_conv else 0
-    return conv + key_dim * value_dim // config.n_heads
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,8 +41,14 @@ import jax
 import jax.numpy as jnp
 
 from zoo.models._common import check_chunk_size, dense_init
-from zoo.models._matrix_common import check_positive_float, check_positive_ints, project
-from zoo.models.deltanet import MODES, check_bools, delta_recurrence, init_mixer, mixer_state_size
+from zoo.models._matrix_common import (
+    check_bools,
+    check_positive_float,
+    check_positive_ints,
+    mixer_state_size,
+    project,
+)
+from zoo.models.deltanet import MODES, delta_recurrence, init_mixer
 from zoo.models.mamba2 import dt_bias_init
 from zoo.ops import delta_ops
 from zoo.registry import register

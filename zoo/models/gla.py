@@ -55,21 +55,19 @@ from zoo.contract import make_recurrence
 from zoo.models._common import check_chunk_size, dense_init
 from zoo.models._matrix_common import (
     ExpandedHeadWidths,
+    check_bools,
     check_positive_float,
     check_positive_int,
     engine_mode,
     head_norm,
+    mixer_state_size,
     project,
+    qkv_projection,
     run_op,
     run_op_one_token,
-    split_heads,
-)
-from zoo.models.deltanet import (
-    check_bools,
-    mixer_state_size,
-    qkv_projection,
     short_conv_apply,
     short_conv_step,
+    split_heads,
 )
 from zoo.models.mamba2 import conv_init
 from zoo.ops.matrix import MODES

@@ -64,13 +64,17 @@ import numpy as np
 
 from zoo.contract import make_recurrence
 from zoo.models._common import check_chunk_size, dense_init
-from zoo.models._matrix_common import check_positive_ints, head_norm, run_op, run_op_one_token, split_heads
-from zoo.models.deltanet import (
+from zoo.models._matrix_common import (
     check_bools,
+    check_positive_ints,
+    head_norm,
     mixer_state_size,
     qkv_projection,
+    run_op,
+    run_op_one_token,
     short_conv_apply,
     short_conv_step,
+    split_heads,
 )
 from zoo.models.mamba2 import conv_init
 from zoo.ops import retention
