@@ -28,6 +28,12 @@ def check_positive_float(model: str, name: str, value) -> None:
         raise ValueError(f"{model}: {name} must be a positive number, got {value!r}")
 
 
+def check_bools(model: str, config, names) -> None:
+    for name in names:
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{model}: {name} must be a bool, got {getattr(config, name)!r}")
+
+
 def project(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     """``x @ w (+ b)`` in x's dtype (the compute dtype)."""
     out = x @ w.astype(x.dtype)
@@ -110,12 +116,6 @@ def run_op_one_token(op, *args, state, **kwargs):
 
 # --------------------------------------------------------------------------------------------
 # FLA's q/k/v projection and short convolution.
-
-
-def check_bools(model: str, config, names) -> None:
-    for name in names:
-        if not isinstance(getattr(config, name), bool):
-            raise ValueError(f"{model}: {name} must be a bool, got {getattr(config, name)!r}")
 
 
 def qkv_projection(params: dict, x: jax.Array) -> jax.Array:
