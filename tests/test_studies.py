@@ -74,11 +74,12 @@ def test_each_study_quick_writes_its_table(name, tmp_path, data_dir, monkeypatch
         best_run = max((row for row in rows if row[:2] == [label, task]), key=lambda row: float(row[4]))
         assert summary[1][3].startswith(f"{float(best_run[4]):.4g} (lr {best_run[2]}, seed {best_run[3]};"), \
             (summary, rows)
-    if name == "chomsky_counter":   # the paper's score of a run is the mean of its per-length accuracies
+    if name == "chomsky_counter":   # the paper's score averages every length; the quick ones are adjacent
         curve = sections(text)["Accuracy at each test length"]
         assert [row[0] for row in curve[1:]] == [str(n) for n in module.QUICK_EVAL_LENGTHS]
+        assert module.QUICK_EVAL_LENGTHS[1] == module.QUICK_EVAL_LENGTHS[0] + 1
         per_length = [float(row[1]) for row in curve[1:]]
-        assert float(rows[0][1]) == pytest.approx(sum(per_length) / len(per_length), abs=1e-4), (rows, curve)
+        assert float(rows[0][1]) == pytest.approx(sum(per_length) / 2, abs=1e-4), (rows, curve)
     # Every number of the table comes from a run: no cell of a metric column is empty.
     assert all(cell not in ("", "n/a") for row in rows for cell in row)
 
@@ -103,3 +104,15 @@ def test_a_study_run_again_loads_its_finished_runs(tmp_path, data_dir, monkeypat
     assert R.finished_run(run_dir, command, True).cached
     assert R.finished_run(run_dir, command + " --config.steps=3", True) is None   # another run
     assert R.finished_run(run_dir, command, False) is None     # another held-out evaluation
+
+
+def test_chomsky_counter_score_averages_every_length_of_the_interpolated_curve():
+    """The paper averages the accuracy over every test length; the study measures a few lengths and
+    interpolates. A curve that falls linearly from 1.0 at 41 to 0.2 at 101 and stays there up to 500:
+    every length's value by hand, then the mean, against the study's function."""
+    from experiments.studies.chomsky_counter import mean_over_every_length
+
+    lengths, accuracies = (41, 101, 500), (1.0, 0.2, 0.2)
+    every = [1.0 - 0.8 * (n - 41) / 60 if n <= 101 else 0.2 for n in range(41, 501)]
+    assert mean_over_every_length(lengths, accuracies) == pytest.approx(sum(every) / len(every), rel=1e-12)
+    assert mean_over_every_length((41, 50, 500), (0.5, 0.5, 0.5)) == pytest.approx(0.5)
