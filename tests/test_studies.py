@@ -116,3 +116,11 @@ def test_chomsky_counter_score_averages_every_length_of_the_interpolated_curve()
     every = [1.0 - 0.8 * (n - 41) / 60 if n <= 101 else 0.2 for n in range(41, 501)]
     assert mean_over_every_length(lengths, accuracies) == pytest.approx(sum(every) / len(every), rel=1e-12)
     assert mean_over_every_length((41, 50, 500), (0.5, 0.5, 0.5)) == pytest.approx(0.5)
+
+
+def test_chomsky_counter_reach_is_the_end_of_the_first_run_of_solved_lengths():
+    from experiments.studies.chomsky_counter import reach
+
+    assert reach((41, 50, 60, 80), (1.0, 0.96, 0.5, 0.97)) == 50      # a later recovery does not count
+    assert reach((41, 50), (0.9, 1.0)) is None
+    assert reach((41, 50), (0.95, 0.99)) == 50

@@ -27,6 +27,7 @@ Writes ``experiments/results/chomsky_counter.md``.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -59,6 +60,27 @@ def length_key(length: int) -> str:
 def per_length(run: R.RunResult, lengths) -> list[float]:
     """The run's accuracy at each of ``lengths`` (after its last step)."""
     return [run.final[length_key(n)] for n in lengths]
+
+
+def curves_by_step(run: R.RunResult, lengths) -> dict[int, list[float]]:
+    """The run's accuracy at each of ``lengths`` at every evaluation after step 0, from its
+    ``metrics.jsonl``: how far the generalisation reaches as training goes on."""
+    from zoo.train import metrics
+
+    records = metrics.read_records(os.path.join(run.output_dir, "metrics.jsonl"))
+    return {r["step"]: [r[length_key(n)] for n in lengths] for r in records
+            if length_key(lengths[0]) in r and r["step"] > 0}
+
+
+def reach(lengths, accuracies, bar: float = SOLVED) -> int | None:
+    """The longest of ``lengths`` up to which every measured accuracy is at least ``bar`` (None if the
+    first is below it)."""
+    longest = None
+    for length, accuracy in zip(lengths, accuracies, strict=True):
+        if accuracy < bar:
+            break
+        longest = length
+    return longest
 
 
 def mean_over_every_length(lengths, accuracies) -> float:
@@ -138,13 +160,28 @@ def main(argv=None) -> str:
         "per-task accuracies."
     )
     best = max(runs, key=mean_over_lengths)
+
+    def reach_text(accuracies) -> str:
+        longest = reach(lengths, accuracies)
+        return "none" if longest is None else str(longest)
+
+    def progress(run: R.RunResult) -> str:
+        curves = sorted(curves_by_step(run, lengths).items())
+        return ", ".join(f"step {step}: {mean_over_every_length(lengths, acc):.3f} (reach {reach_text(acc)})"
+                         for step, acc in curves)
+
     notes = (
         f"Best seed {best.seed}: {mean_over_lengths(best):.3f} averaged over every test length "
         f"({'solved' if mean_over_lengths(best) >= SOLVED else 'not solved'} at the {SOLVED} bar); "
         f"{sum(mean_over_lengths(r) >= SOLVED for r in runs)} of {len(runs)} seeds reach it. "
         f"At the shortest test length ({lengths[0]}) the seeds score "
         f"{', '.join(f'{run.final[length_key(lengths[0])]:.3f}' for run in runs)}; at the longest "
-        f"({lengths[-1]}) {', '.join(f'{run.final[length_key(lengths[-1])]:.3f}' for run in runs)}."
+        f"({lengths[-1]}) {', '.join(f'{run.final[length_key(lengths[-1])]:.3f}' for run in runs)}.\n\n"
+        f"Reach, the longest measured length up to which every measured length scores ≥ {SOLVED} (training "
+        f"stops at {train_top}): "
+        + "; ".join(f"seed {run.seed} {reach_text(per_length(run, lengths))}" for run in runs)
+        + ". The paper's score and the reach at each evaluation of each run: "
+        + "; ".join(f"seed {run.seed}: {progress(run)}" for run in runs) + "."
     )
     return R.publish(NAME, argv, args.out, title="Chomsky hierarchy, the counter task bucket_sort: the "
                      "paper's LSTM over seeds, per test length", seeds=seeds, wall=wall,
