@@ -324,11 +324,13 @@ def plot_lengths(final: dict[str, float], lengths, path: str, title: str) -> Non
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    metric = "accuracy" if f"eval_len{lengths[0]}_accuracy" in final else "loss"
+    from zoo.train import length_metric_key
+
+    metric = "accuracy" if length_metric_key(lengths[0], "accuracy") in final else "loss"
     fig = Figure(figsize=(5, 3.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    ax.plot(lengths, [final[f"eval_len{n}_{metric}"] for n in lengths], "o-", color="tab:orange")
+    ax.plot(lengths, [final[length_metric_key(n, metric)] for n in lengths], "o-", color="tab:orange")
     limits = {"ylim": (-0.02, 1.02)} if metric == "accuracy" else {}
     ax.set(xlabel="sequence length", ylabel=f"held-out {metric}", title=title, **limits)
     ax.grid(alpha=0.3)

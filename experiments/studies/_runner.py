@@ -58,14 +58,17 @@ class RunResult:
     output_dir: str = ""             # the run's logs (metrics.jsonl, curves.png, final.json)
     best: dict[str, float] | None = None    # with ``keep_best``: the kept evaluation, {"step": s, ...}
 
+    def records(self) -> list[dict]:
+        """Every record of the run's ``metrics.jsonl`` (training steps and evaluations)."""
+        from zoo.train import metrics
+
+        return metrics.read_records(os.path.join(self.output_dir, "metrics.jsonl"))
+
     def train_tail(self, key: str, last: int = 100) -> float:
         """Mean training ``key`` (one batch per step, at training lengths) over the run's last ``last``
         steps, from its ``metrics.jsonl``: what the model reached in distribution, beside the held-out
         number."""
-        from zoo.train import metrics
-
-        values = [r[key] for r in metrics.read_records(os.path.join(self.output_dir, "metrics.jsonl"))
-                  if key in r and "loss" in r]
+        values = [r[key] for r in self.records() if key in r and "loss" in r]
         return statistics.mean(values[-last:]) if values else float("nan")
 
     def metric(self, key: str) -> float:

@@ -27,7 +27,6 @@ Writes ``experiments/results/chomsky_counter.md``.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -42,6 +41,7 @@ from experiments.studies.chomsky_regular import (
     QUICK,
     fresh_examples,
 )
+from zoo.train import length_metric_key
 
 NAME = "chomsky_counter"
 MODEL, TASK = "lstm", "bucket_sort"
@@ -53,8 +53,8 @@ QUICK_EVAL_LENGTHS = (5, 6)
 
 
 def length_key(length: int) -> str:
-    """The loop's final-evaluation key of the accuracy at one test length."""
-    return f"eval_len{length}_accuracy"
+    """The loop's evaluation key of the accuracy at one test length."""
+    return length_metric_key(length, "accuracy")
 
 
 def per_length(run: R.RunResult, lengths) -> list[float]:
@@ -65,10 +65,7 @@ def per_length(run: R.RunResult, lengths) -> list[float]:
 def curves_by_step(run: R.RunResult, lengths) -> dict[int, list[float]]:
     """The run's accuracy at each of ``lengths`` at every evaluation after step 0, from its
     ``metrics.jsonl``: how far the generalisation reaches as training goes on."""
-    from zoo.train import metrics
-
-    records = metrics.read_records(os.path.join(run.output_dir, "metrics.jsonl"))
-    return {r["step"]: [r[length_key(n)] for n in lengths] for r in records
+    return {r["step"]: [r[length_key(n)] for n in lengths] for r in run.records()
             if length_key(lengths[0]) in r and r["step"] > 0}
 
 

@@ -63,18 +63,23 @@ def make_eval_step(loss_fn: LossFn = classification_loss):
     return nnx.jit(lambda model, batch: loss_fn(model, batch)[1])
 
 
+def length_metric_key(length: int, metric: str) -> str:
+    """The key of ``metric`` evaluated on held-out sequences of ``length`` steps: ``eval_len<L>_<metric>``."""
+    return f"eval_len{length}_{metric}"
+
+
 def evaluate(eval_step, task: Task, n_batches: int, lengths: Sequence[int] = ()) -> dict[str, float]:
     """Mean metrics over the first ``n_batches`` held-out batches (the same ones at every evaluation).
 
-    Keys are ``eval_<metric>``, and ``eval_len<L>_<metric>`` for each of ``lengths``.
+    Keys are ``eval_<metric>``, and ``length_metric_key(L, metric)`` for each L of ``lengths``.
     """
-    def mean_metrics(prefix: str, batches) -> dict[str, float]:
+    def mean_metrics(key_of, batches) -> dict[str, float]:
         per_batch = jax.device_get([eval_step(batch) for batch in batches])
-        return {f"{prefix}{key}": float(np.mean([m[key] for m in per_batch])) for key in per_batch[0]}
+        return {key_of(key): float(np.mean([m[key] for m in per_batch])) for key in per_batch[0]}
 
-    result = mean_metrics("eval_", (task.batch(i, split="eval") for i in range(n_batches)))
+    result = mean_metrics(lambda key: f"eval_{key}", (task.batch(i, split="eval") for i in range(n_batches)))
     for length in lengths:
-        result.update(mean_metrics(f"eval_len{length}_",
+        result.update(mean_metrics(functools.partial(length_metric_key, length),
                                    (batch_at_length(task, i, length) for i in range(n_batches))))
     return result
 
