@@ -9,8 +9,11 @@ import re
 
 import pytest
 
-STUDIES = ("bach_chorales", "selective_copy", "chomsky", "chomsky_regular", "chomsky_counter", "mqar",
-           "char_lm")
+STUDIES = ("bach_chorales", "bach_chorales_search", "selective_copy", "chomsky", "chomsky_regular",
+           "chomsky_counter", "chomsky_rnn_modular", "mqar", "char_lm")
+PER_LENGTH_STUDIES = ("chomsky_counter", "chomsky_rnn_modular")
+SEARCH_CHOSEN = "Each model at its setting of the lowest validation NLL"
+SEARCH_EVERY = "Test NLL/frame (validation NLL/frame) at every setting"
 HEADER = ("**Command:** `.venv/bin/python -m experiments.studies.", "**Hardware:**", "CPU cores usable",
           "**Wall time:**", "**Seeds:** 0")
 
@@ -36,6 +39,8 @@ def expected_rows(name: str, module) -> tuple[str, list[str]]:
     """(section, first cells) that the quick table must have: one row per model that --quick trains."""
     if name in ("bach_chorales", "selective_copy"):
         return "Results", [label for label, *_ in module.MODELS if label in module.QUICK_MODELS]
+    if name == "bach_chorales_search":
+        return SEARCH_CHOSEN, [label for label, *_ in module.MODELS if label in module.QUICK_MODELS]
     if name == "chomsky":
         return "Every run", list(module.QUICK_MODELS)
     if name == "chomsky_regular":           # one run per model, task, rate and the one quick seed
@@ -44,8 +49,9 @@ def expected_rows(name: str, module) -> tuple[str, list[str]]:
         return "Every run", (main_arms + module.long_labels(module.QUICK_LONG_RUNS)
                              + module.paper_net_labels(module.QUICK_PAPER_NET_RUNS)
                              + [module.ablation_label(factor) for factor, _, _ in module.QUICK_ABLATIONS])
-    if name == "chomsky_counter":            # one run per quick seed, then the mean over seeds
-        return "Test accuracy per run", ["0", "mean ± sd"]
+    if name in PER_LENGTH_STUDIES:   # one run per quick seed, the mean over seeds, then the longer arm
+        longer = f"seed 0, {module.STUDY.quick_long_steps} steps"
+        return "Test accuracy per run", ["seed 0", "mean ± sd", longer]
     if name == "mqar":
         return "Accuracy against state size", [family for family, names in module.QUICK_FAMILIES.items()
                                                for _ in names]
@@ -74,12 +80,23 @@ def test_each_study_quick_writes_its_table(name, tmp_path, data_dir, monkeypatch
         best_run = max((row for row in rows if row[:2] == [label, task]), key=lambda row: float(row[4]))
         assert summary[1][3].startswith(f"{float(best_run[4]):.4g} (lr {best_run[2]}, seed {best_run[3]};"), \
             (summary, rows)
-    if name == "chomsky_counter":   # the paper's score averages every length; the quick ones are adjacent
+    if name == "bach_chorales_search":   # each model's chosen setting is the one of its lowest valid NLL
+        every = sections(text)[SEARCH_EVERY]
+        for chosen, (label, *cells) in zip(rows, every[1:], strict=True):
+            valid = [float(cell.split("(")[1].rstrip(")")) for cell in cells]
+            best = valid.index(min(valid))
+            assert chosen[0] == label and chosen[2] == every[0][1 + best], (chosen, every)
+            assert float(chosen[5]) == pytest.approx(float(cells[best].split()[0]), rel=1e-3)
+    if name in PER_LENGTH_STUDIES:   # the paper's score averages every length; the quick ones are adjacent
+        from experiments.studies.chomsky_counter import QUICK_EVAL_LENGTHS
+
         curve = sections(text)["Accuracy at each test length"]
-        assert [row[0] for row in curve[1:]] == [str(n) for n in module.QUICK_EVAL_LENGTHS]
-        assert module.QUICK_EVAL_LENGTHS[1] == module.QUICK_EVAL_LENGTHS[0] + 1
-        per_length = [float(row[1]) for row in curve[1:]]
-        assert float(rows[0][1]) == pytest.approx(sum(per_length) / 2, abs=1e-4), (rows, curve)
+        assert curve[0][1:] == [rows[0][0], rows[2][0]]       # a column per run, the longer arm's too
+        assert [row[0] for row in curve[1:]] == [str(n) for n in QUICK_EVAL_LENGTHS]
+        assert QUICK_EVAL_LENGTHS[1] == QUICK_EVAL_LENGTHS[0] + 1
+        for column, row in ((1, rows[0]), (2, rows[2])):
+            per_length = [float(line[column]) for line in curve[1:]]
+            assert float(row[1]) == pytest.approx(sum(per_length) / 2, abs=1e-4), (rows, curve)
     # Every number of the table comes from a run: no cell of a metric column is empty.
     assert all(cell not in ("", "n/a") for row in rows for cell in row)
 

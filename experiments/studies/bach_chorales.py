@@ -82,6 +82,40 @@ QUICK = {
 SEEDS = (0,)
 
 
+PAPERS_TEXT = (
+    f'{GREFF} ("LSTM: A Search Space Odyssey") [S]: "none of the variants can improve upon the '
+    'standard LSTM architecture significantly"; "the forget gate and the output activation function" '
+    'are "its most critical components". [K] NFG and NOAF hurt most; CIFG and NP are safe '
+    f'simplifications.\n\n{CHUNG} ("Empirical Evaluation of Gated Recurrent Neural Networks on Sequence '
+    'Modeling") [S]: gated units "better than more traditional recurrent units such as tanh units"; '
+    '"GRU to be comparable to LSTM" on polyphonic music.\n\nPAPERS.md quotes no JSB NLL per frame '
+    "from either paper, so the table sets their findings, not figures, beside ours. Our setting "
+    "differs from theirs (music21's chorale files rather than the JSB pickle, small models, a fixed step "
+    "budget, and at most a small grid of learning rates and widths where Greff et al. ran a random search "
+    "of 200 trials per variant and dataset), so absolute numbers are not comparable."
+)
+
+
+def setting_text(shared: dict, *, width: str | None = None, learning_rate: str | None = None) -> str:
+    """The table's setting: the task, the network, the training and the early stopping of ``shared``;
+    ``width`` and ``learning_rate`` name them where they vary between runs."""
+    width = width or str(shared["d_model"])
+    learning_rate = learning_rate or f"lr {shared.get('learning_rate', 1e-2)}"
+    return (
+        f"Task `bach_chorales` (music21's Bach chorales as 88-key binary piano rolls, one frame per quarter "
+        f"note, fixed train/valid/test split of the chorale files; the loop evaluates on valid, the table's "
+        f"test column is every frame of the test split). Model: `SequenceModel` with "
+        f"`block={shared['block']}`, one cell of width {width} between a linear input layer "
+        f"over the 88 keys and 88 sigmoid "
+        f"outputs; loss `zoo.data.bach_chorales.frame_loss` (sum over keys of the Bernoulli NLL, mean over "
+        f"frames, nats). AdamW, {learning_rate} warmup-cosine, batch "
+        f"{shared['batch_size']} packed rows of 272 frames, {shared['steps']} steps. Early stopping: "
+        f"the validation NLL is evaluated every {shared['eval_every']} steps on {shared['eval_batches']} "
+        f"batches, and the model of its lowest value (`--config.keep_best={shared['keep_best']}`) is the "
+        f"one tested."
+    )
+
+
 def paper_claim(model: str, config: dict) -> str:
     return PAPER.get(config.get("variant", model), PAPER_DEFAULT)
 
@@ -134,33 +168,10 @@ def main(argv=None) -> str:
     columns = ["model", "change", "params", "steps", "valid NLL/frame (kept model, 4 batches)",
                "kept step of each seed",
                "test NLL/frame (whole split)", "test Δ vs LSTM V", "wall s", "paper (PAPERS.md)"]
-    setting = (
-        f"Task `bach_chorales` (music21's Bach chorales as 88-key binary piano rolls, one frame per quarter "
-        f"note, fixed train/valid/test split of the chorale files; the loop evaluates on valid, the table's "
-        f"test column is every frame of the test split). Model: `SequenceModel` with "
-        f"`block={shared['block']}`, one cell of width {shared['d_model']} between a linear input layer "
-        f"over the 88 keys and 88 sigmoid "
-        f"outputs; loss `zoo.data.bach_chorales.frame_loss` (sum over keys of the Bernoulli NLL, mean over "
-        f"frames, nats). AdamW, lr {shared.get('learning_rate', 1e-2)} warmup-cosine, batch "
-        f"{shared['batch_size']} packed rows of 272 frames, {shared['steps']} steps. Early stopping: "
-        f"the validation NLL is evaluated every {shared['eval_every']} steps on {shared['eval_batches']} "
-        f"batches, and the model of its lowest value (`--config.keep_best={shared['keep_best']}`) is the "
-        f"one tested."
-    )
+    setting = setting_text(shared)
     if args.quick:
         setting += ("\n\n**--quick smoke setting: three of the rows, a few steps on two chorales; the "
                     "numbers mean nothing.**")
-    paper = (
-        f'{GREFF} ("LSTM: A Search Space Odyssey") [S]: "none of the variants can improve upon the '
-        'standard LSTM architecture significantly"; "the forget gate and the output activation function" '
-        'are "its most critical components". [K] NFG and NOAF hurt most; CIFG and NP are safe '
-        f'simplifications.\n\n{CHUNG} ("Empirical Evaluation of Gated Recurrent Neural Networks on Sequence '
-        'Modeling") [S]: gated units "better than more traditional recurrent units such as tanh units"; '
-        '"GRU to be comparable to LSTM" on polyphonic music.\n\nPAPERS.md quotes no JSB NLL per frame '
-        "from either paper, so the table sets their findings, not figures, beside ours. Our setting "
-        "differs from theirs (music21's chorale files rather than the JSB pickle, no hyperparameter "
-        "search, one small model per row, a fixed step budget), so absolute numbers are not comparable."
-    )
     notes = "\n".join([
         "Findings, computed from the test column:",
         *findings(test),
@@ -172,7 +183,7 @@ def main(argv=None) -> str:
     return R.publish(NAME, argv, args.out,
                      title="Bach chorales: NLL per frame of tanh RNN, GRU, LSTM and its variants",
                      seeds=seeds, wall=wall, hardware_line=hardware,
-                     sections=[("Results", columns, rows)], setting=setting, paper=paper, notes=notes,
+                     sections=[("Results", columns, rows)], setting=setting, paper=PAPERS_TEXT, notes=notes,
                      runs=[r for runs in results.values() for r in runs])
 
 

@@ -9,8 +9,8 @@ paper's network and recipe (the bare LSTM of width 256 under a linear readout, A
 gradient norm clipped to 1, batch 128, 10k steps) solved cycle_navigation and modular_arithmetic, and in
 one seed fitted bucket_sort (training accuracy 1.0 on lengths 1-40) without generalising (0.373 on
 41-500). bucket_sort needs only a count of each of its five symbols, not a stack or a tape, so it is the
-counter task of the set. This study trains the same network on it over ``SEEDS`` and reports two
-scores for each run:
+counter task of the set. This study trains the same network on it over ``SEEDS``, and one seed again
+for ``LONG_STEPS`` (the longer arm), and reports two scores for each run:
 
 * the paper's: the accuracy at each test length (every output position of every example at that
   length), averaged over every length of the test range (``training/range_evaluation.py`` of
@@ -22,11 +22,13 @@ scores for each run:
   (lengths drawn uniformly from 41-500), which weights each length by its number of outputs, so that
   the long lengths count most.
 
-Writes ``experiments/results/chomsky_counter.md``.
+Writes ``experiments/results/chomsky_counter.md``. ``run_per_length_study`` is the study for any model
+and task; ``chomsky_rnn_modular`` runs it for the paper's RNN on modular_arithmetic.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -40,12 +42,17 @@ from experiments.studies.chomsky_regular import (
     PAPER_NET_QUICK,
     QUICK,
     fresh_examples,
+    paper_net_overrides,
 )
 from zoo.train import length_metric_key
 
 NAME = "chomsky_counter"
 MODEL, TASK = "lstm", "bucket_sort"
 SEEDS = (0, 1, 2)
+# A longer arm: the paper's score rose from 0.34-0.38 at step 5k to 0.48-0.49 at 10k in every seed, so
+# one seed trains twice as long (~55 min on 2 cores) to show whether it keeps climbing.
+LONG_STEPS = 20000
+LONG_SEEDS = (0,)
 # Test lengths for the per-length curve: the paper's range is 41-500; denser at the short end, where a
 # counter that drifts with length would first show.
 EVAL_LENGTHS = (41, 50, 60, 80, 100, 150, 200, 300, 400, 500)
@@ -89,74 +96,123 @@ def mean_over_every_length(lengths, accuracies) -> float:
     return float(np.mean(np.interp(every, lengths, accuracies)))
 
 
-def main(argv=None) -> str:
-    args, hardware, seeds, shared = R.begin(NAME, argv, __doc__, quick=QUICK, full=FULL,
-                                            task_quick=TASK_QUICK, task_full=TASK_FULL, default_seeds=SEEDS)
+@dataclasses.dataclass(frozen=True)
+class PerLengthStudy:
+    """The paper's network (chomsky_regular's ``PAPER_NET_FULL``) trained on one task over seeds and
+    scored per test length; optionally a longer arm (``long_steps``, at ``long_seeds``) that shows
+    whether the score still climbs after the main runs' steps."""
+
+    name: str
+    model: str
+    task: str
+    title: str
+    task_text: str                  # what the task asks, for the table's setting
+    seeds: tuple[int, ...]
+    long_steps: int | None = None
+    long_seeds: tuple[int, ...] = ()
+    quick_long_steps: int = 4       # the longer arm in the --quick smoke run (the quick runs take 2)
+
+
+def run_label(run: R.RunResult, main_steps: int) -> str:
+    """A run's name in the tables: its seed, and its steps where they differ from the main runs'."""
+    return f"seed {run.seed}" if run.steps == main_steps else f"seed {run.seed}, {run.steps} steps"
+
+
+def run_per_length_study(study: PerLengthStudy, argv, doc: str | None) -> str:
+    """Train ``study``'s runs (each loaded instead if finished by the same command before) and write its
+    table: the paper's score and the whole split's per run, the accuracy at each test length, and the
+    paper's score and reach at every evaluation."""
+    args, hardware, seeds, shared = R.begin(study.name, argv, doc, quick=QUICK, full=FULL,
+                                            task_quick=TASK_QUICK, task_full=TASK_FULL,
+                                            default_seeds=study.seeds)
     if args.quick and args.seeds is None:
         seeds = [0]                             # the smoke run: one seed
     lengths = QUICK_EVAL_LENGTHS if args.quick else EVAL_LENGTHS
-    overrides = {**shared, **(PAPER_NET_QUICK if args.quick else PAPER_NET_FULL)}
+    overrides = paper_net_overrides({**shared, **(PAPER_NET_QUICK if args.quick else PAPER_NET_FULL)},
+                                    study.model)
     if args.steps is not None:
         overrides["steps"] = args.steps
     if not args.quick:
-        # The same command line as chomsky_regular's "lstm, paper's network" run on bucket_sort, plus
+        # The same command line as chomsky_regular's paper's-network run of this model and task, plus
         # the per-length evaluations (which change what is logged, not the run).
         overrides = fresh_examples(overrides)
     overrides["eval_lengths"] = lengths
+    label = f"{study.model}-papernet-{study.task}"
+    arms = [(label, overrides, seeds)]
+    long_steps = study.quick_long_steps if args.quick else study.long_steps
+    if long_steps is not None and study.long_seeds:
+        longer = {**overrides, "steps": long_steps}
+        if not args.quick:
+            longer = fresh_examples(longer)     # fresh examples again: steps x batch
+        arms.append((f"{label}-{long_steps}steps", longer, [0] if args.quick else list(study.long_seeds)))
     began = time.perf_counter()
-    runs = []
-    for seed in seeds:
-        done = R.train_one(MODEL, TASK, overrides, seed=seed, label=f"{MODEL}-papernet-{TASK}",
-                           runs_dir=args.runs, full_eval=True)
-        runs.append(done)
-        print(f"{NAME}: seed {seed}: mean over every length "
-              f"{mean_over_every_length(lengths, per_length(done, lengths)):.4f}, "
-              f"every output of the split {done.metric('accuracy'):.4f} ({done.seconds:.0f} s)", flush=True)
+    runs: list[R.RunResult] = []
+    for arm_label, arm_overrides, arm_seeds in arms:
+        for seed in arm_seeds:
+            done = R.train_one(study.model, study.task, arm_overrides, seed=seed, label=arm_label,
+                               runs_dir=args.runs, full_eval=True)
+            runs.append(done)
+            print(f"{study.name}: {arm_label} seed {seed}: mean over every length "
+                  f"{mean_over_every_length(lengths, per_length(done, lengths)):.4f}, every output of the "
+                  f"split {done.metric('accuracy'):.4f} ({done.seconds:.0f} s)", flush=True)
     wall = time.perf_counter() - began
+    main_steps = overrides["steps"]
+    main_runs = [run for run in runs if run.steps == main_steps]
 
-    def mean_over_lengths(run: R.RunResult) -> float:
+    def score(run: R.RunResult) -> float:
         return mean_over_every_length(lengths, per_length(run, lengths))
 
-    summary = [[f"{run.seed}", f"{mean_over_lengths(run):.4f}", f"{run.metric('accuracy'):.4f}",
-                f"{run.train_tail('accuracy'):.4f}", f"{run.seconds:.0f}"] for run in runs]
-    summary.append(["mean ± sd", R.mean_std([mean_over_lengths(r) for r in runs]),
-                    R.mean_std([r.metric("accuracy") for r in runs]),
-                    R.mean_std([r.train_tail("accuracy") for r in runs]), R.seconds_cell(runs)])
+    def row(run: R.RunResult) -> list[str]:
+        return [run_label(run, main_steps), f"{score(run):.4f}", f"{run.metric('accuracy'):.4f}",
+                f"{run.train_tail('accuracy'):.4f}", f"{run.seconds:.0f}"]
+
+    summary = [row(run) for run in main_runs]
+    summary.append(["mean ± sd", R.mean_std([score(r) for r in main_runs]),
+                    R.mean_std([r.metric("accuracy") for r in main_runs]),
+                    R.mean_std([r.train_tail("accuracy") for r in main_runs]), R.seconds_cell(main_runs)])
+    summary += [row(run) for run in runs if run.steps != main_steps]
     curve = [[f"{n}", *(f"{run.final[length_key(n)]:.4f}" for run in runs)] for n in lengths]
     task_lengths = TASK_QUICK if args.quick else PAPER_LENGTHS
     train_top = task_lengths["max_train_length"]
     sections = [
-        ("Test accuracy per run", ["seed",
+        ("Test accuracy per run", ["run",
                                    f"mean over every length {lengths[0]}–{lengths[-1]} (the paper's score)",
                                    "every output of the held-out split (chomsky_regular's score)",
                                    f"train accuracy (last 100 steps, lengths 1–{train_top})",
                                    "wall s"], summary),
-        ("Accuracy at each test length", ["length", *(f"seed {run.seed}" for run in runs)], curve),
+        ("Accuracy at each test length", ["length", *(run_label(run, main_steps) for run in runs)], curve),
     ]
+    cell = "bare LSTM (`block=plain`, variant np, haiku's LSTM)" if study.model == "lstm" else \
+        "bare tanh RNN (`block=plain`, haiku's VanillaRNN)"
     setting = (
-        f"Task: {TASK} (`zoo.data.TASKS`: a string over 5 symbols, then as many blanks, at which the model "
-        f"outputs the string sorted), trained on input lengths 1–{train_top} with "
-        f"a training split of {overrides.get('task_config.train_size', 'the default'):,} examples (steps x "
-        "batch: no example repeats, as the paper samples fresh ones). Model: the paper's network, as in "
-        "chomsky_regular's \"lstm, paper's network\" row: the bare LSTM (`block=plain`, variant np, "
-        f"haiku's LSTM) of width {overrides['d_model']} under a linear readout; Adam at a constant lr "
+        f"Task: {study.task} (`zoo.data.TASKS`: {study.task_text}), trained on input lengths 1–{train_top} "
+        f"with a training split of {overrides.get('task_config.train_size', 'the default'):,} examples "
+        "(steps x batch: no example repeats, as the paper samples fresh ones). Model: the paper's network, "
+        f"as in chomsky_regular's \"{study.model}, paper's network\" row: the {cell} of width "
+        f"{overrides['d_model']} under a linear readout; Adam at a constant lr "
         f"{overrides['learning_rate']:g}, gradients clipped to norm {overrides['clip_norm']:g}, batch "
-        f"{overrides['batch_size']}, {overrides['steps']} steps; seeds {', '.join(map(str, seeds))} (each "
+        f"{overrides['batch_size']}, {main_steps} steps; seeds {', '.join(map(str, seeds))} (each "
         f"seeds the parameters and the data). Held-out lengths: {', '.join(map(str, lengths))}, "
         f"{overrides['eval_batches']} batches of {overrides['batch_size']} examples at each (the estimate "
         "of the paper's score interpolates between them to every length and averages), and the whole "
         f"held-out split (lengths {task_lengths['min_eval_length']}–"
         f"{task_lengths['max_eval_length']}, each example once)."
     )
+    if len(arms) > 1:
+        _, longer, long_seeds = arms[1]
+        setting += (f" A longer arm trains seed(s) {', '.join(map(str, long_seeds))} for {longer['steps']} "
+                    f"steps (a training split of {longer.get('task_config.train_size', 'the default'):,}, "
+                    "so again no example repeats; its data differ from the main run of the same seed).")
     if args.quick:
         setting += "\n\n**--quick smoke setting: a few steps at tiny lengths; the numbers mean nothing.**"
     paper = (
-        'Delétang et al. [S] (PAPERS.md): "LSTMs can solve regular and counter-language tasks", from '
+        'Delétang et al. [S] (PAPERS.md): "RNNs and Transformers fail to generalize on non-regular tasks, '
+        'LSTMs can solve regular and counter-language tasks", from '
         f"{PAPER_MODELS} trained models; a (model, task) counts as solved by its best hyperparameters and "
         "seed (the paper's sweep: several learning rates and 10 seeds per cell). PAPERS.md quotes no "
         "per-task accuracies."
     )
-    best = max(runs, key=mean_over_lengths)
+    best = max(main_runs, key=score)
 
     def reach_text(accuracies) -> str:
         longest = reach(lengths, accuracies)
@@ -168,22 +224,31 @@ def main(argv=None) -> str:
                          for step, acc in curves)
 
     notes = (
-        f"Best seed {best.seed}: {mean_over_lengths(best):.3f} averaged over every test length "
-        f"({'solved' if mean_over_lengths(best) >= SOLVED else 'not solved'} at the {SOLVED} bar); "
-        f"{sum(mean_over_lengths(r) >= SOLVED for r in runs)} of {len(runs)} seeds reach it. "
+        f"Best seed {best.seed}: {score(best):.3f} averaged over every test length "
+        f"({'solved' if score(best) >= SOLVED else 'not solved'} at the {SOLVED} bar); "
+        f"{sum(score(r) >= SOLVED for r in main_runs)} of {len(main_runs)} seeds reach it. "
         f"At the shortest test length ({lengths[0]}) the seeds score "
-        f"{', '.join(f'{run.final[length_key(lengths[0])]:.3f}' for run in runs)}; at the longest "
-        f"({lengths[-1]}) {', '.join(f'{run.final[length_key(lengths[-1])]:.3f}' for run in runs)}.\n\n"
+        f"{', '.join(f'{run.final[length_key(lengths[0])]:.3f}' for run in main_runs)}; at the longest "
+        f"({lengths[-1]}) {', '.join(f'{run.final[length_key(lengths[-1])]:.3f}' for run in main_runs)}.\n\n"
         f"Reach, the longest measured length up to which every measured length scores ≥ {SOLVED} (training "
         f"stops at {train_top}): "
-        + "; ".join(f"seed {run.seed} {reach_text(per_length(run, lengths))}" for run in runs)
+        + "; ".join(f"{run_label(run, main_steps)} {reach_text(per_length(run, lengths))}" for run in runs)
         + ". The paper's score and the reach at each evaluation of each run: "
-        + "; ".join(f"seed {run.seed}: {progress(run)}" for run in runs) + "."
+        + "; ".join(f"{run_label(run, main_steps)}: {progress(run)}" for run in runs) + "."
     )
-    return R.publish(NAME, argv, args.out, title="Chomsky hierarchy, the counter task bucket_sort: the "
-                     "paper's LSTM over seeds, per test length", seeds=seeds, wall=wall,
+    return R.publish(study.name, argv, args.out, title=study.title, seeds=seeds, wall=wall,
                      hardware_line=hardware, sections=sections, setting=setting, paper=paper, notes=notes,
                      runs=runs)
+
+
+STUDY = PerLengthStudy(
+    name=NAME, model=MODEL, task=TASK, seeds=SEEDS, long_steps=LONG_STEPS, long_seeds=LONG_SEEDS,
+    title="Chomsky hierarchy, the counter task bucket_sort: the paper's LSTM over seeds, per test length",
+    task_text="a string over 5 symbols, then as many blanks, at which the model outputs the string sorted")
+
+
+def main(argv=None) -> str:
+    return run_per_length_study(STUDY, argv, __doc__)
 
 
 if __name__ == "__main__":
