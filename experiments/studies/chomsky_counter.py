@@ -140,7 +140,7 @@ def run_per_length_study(study: PerLengthStudy, argv, doc: str | None) -> str:
     label = f"{study.model}-papernet-{study.task}"
     arms = [(label, overrides, seeds)]
     long_steps = study.quick_long_steps if args.quick else study.long_steps
-    if long_steps is not None and study.long_seeds:
+    if long_steps is not None and study.long_seeds and long_steps != overrides["steps"]:   # not --steps
         longer = {**overrides, "steps": long_steps}
         if not args.quick:
             longer = fresh_examples(longer)     # fresh examples again: steps x batch
