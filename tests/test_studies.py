@@ -50,8 +50,8 @@ def expected_rows(name: str, module) -> tuple[str, list[str]]:
                              + module.paper_net_labels(module.QUICK_PAPER_NET_RUNS)
                              + [module.ablation_label(factor) for factor, _, _ in module.QUICK_ABLATIONS])
     if name in PER_LENGTH_STUDIES:   # one run per quick seed, the mean over seeds, then the longer arm
-        longer = f"seed 0, {module.STUDY.quick_long_steps} steps"
-        return "Test accuracy per run", ["seed 0", "mean ± sd", longer]
+        longer = [f"seed 0, {steps} steps" for steps in module.STUDY.quick_long_steps]
+        return "Test accuracy per run", ["seed 0", "mean ± sd", *longer]
     if name == "mqar":
         return "Accuracy against state size", [family for family, names in module.QUICK_FAMILIES.items()
                                                for _ in names]

@@ -10,7 +10,7 @@ gradient norm clipped to 1, batch 128, 10k steps) solved cycle_navigation and mo
 one seed fitted bucket_sort (training accuracy 1.0 on lengths 1-40) without generalising (0.373 on
 41-500). bucket_sort needs only a count of each of its five symbols, not a stack or a tape, so it is the
 counter task of the set. This study trains the same network on it over ``SEEDS``, and one seed again
-for ``LONG_STEPS`` (the longer arm), and reports two scores for each run:
+for each of ``LONG_STEPS`` (the longer arms), and reports two scores for each run:
 
 * the paper's: the accuracy at each test length (every output position of every example at that
   length), averaged over every length of the test range (``training/range_evaluation.py`` of
@@ -51,7 +51,7 @@ MODEL, TASK = "lstm", "bucket_sort"
 SEEDS = (0, 1, 2)
 # A longer arm: the paper's score rose from 0.34-0.38 at step 5k to 0.48-0.49 at 10k in every seed, so
 # one seed trains twice as long (~55 min on 2 cores) to show whether it keeps climbing.
-LONG_STEPS = 20000
+LONG_STEPS = (20000,)
 LONG_SEEDS = (0,)
 # Test lengths for the per-length curve: the paper's range is 41-500; denser at the short end, where a
 # counter that drifts with length would first show.
@@ -99,7 +99,7 @@ def mean_over_every_length(lengths, accuracies) -> float:
 @dataclasses.dataclass(frozen=True)
 class PerLengthStudy:
     """The paper's network (chomsky_regular's ``PAPER_NET_FULL``) trained on one task over seeds and
-    scored per test length; optionally a longer arm (``long_steps``, at ``long_seeds``) that shows
+    scored per test length; optionally longer arms (each of ``long_steps``, at ``long_seeds``) that show
     whether the score still climbs after the main runs' steps."""
 
     name: str
@@ -108,9 +108,9 @@ class PerLengthStudy:
     title: str
     task_text: str                  # what the task asks, for the table's setting
     seeds: tuple[int, ...]
-    long_steps: int | None = None
+    long_steps: tuple[int, ...] = ()
     long_seeds: tuple[int, ...] = ()
-    quick_long_steps: int = 4       # the longer arm in the --quick smoke run (the quick runs take 2)
+    quick_long_steps: tuple[int, ...] = (4,)    # the longer arm of --quick (whose main runs take 2 steps)
 
 
 def run_label(run: R.RunResult, main_steps: int) -> str:
@@ -139,12 +139,14 @@ def run_per_length_study(study: PerLengthStudy, argv, doc: str | None) -> str:
     overrides["eval_lengths"] = lengths
     label = f"{study.model}-papernet-{study.task}"
     arms = [(label, overrides, seeds)]
-    long_steps = study.quick_long_steps if args.quick else study.long_steps
-    if long_steps is not None and study.long_seeds and long_steps != overrides["steps"]:   # not --steps
+    long_seeds = [0] if args.quick else list(study.long_seeds)
+    for long_steps in study.quick_long_steps if args.quick else study.long_steps:
+        if not long_seeds or long_steps == overrides["steps"]:     # --steps may already train that long
+            continue
         longer = {**overrides, "steps": long_steps}
         if not args.quick:
             longer = fresh_examples(longer)     # fresh examples again: steps x batch
-        arms.append((f"{label}-{long_steps}steps", longer, [0] if args.quick else list(study.long_seeds)))
+        arms.append((f"{label}-{long_steps}steps", longer, long_seeds))
     began = time.perf_counter()
     runs: list[R.RunResult] = []
     for arm_label, arm_overrides, arm_seeds in arms:
@@ -199,10 +201,11 @@ def run_per_length_study(study: PerLengthStudy, argv, doc: str | None) -> str:
         f"{task_lengths['max_eval_length']}, each example once)."
     )
     if len(arms) > 1:
-        _, longer, long_seeds = arms[1]
-        setting += (f" A longer arm trains seed(s) {', '.join(map(str, long_seeds))} for {longer['steps']} "
-                    f"steps (a training split of {longer.get('task_config.train_size', 'the default'):,}, "
-                    "so again no example repeats; its data differ from the main run of the same seed).")
+        setting += (f" Longer arms train seed(s) {', '.join(map(str, long_seeds))} for "
+                    + ", ".join(f"{longer['steps']} steps (a training split of "
+                                f"{longer.get('task_config.train_size', 'the default'):,})"
+                                for _, longer, _ in arms[1:])
+                    + ", so again no example repeats; their data differ from the main run of the same seed.")
     if args.quick:
         setting += "\n\n**--quick smoke setting: a few steps at tiny lengths; the numbers mean nothing.**"
     paper = (

@@ -12,7 +12,7 @@ to 1, batch 128, 10k steps) reached training accuracy 0.72 and 0.20 on 41-500 (c
 seed. The paper counts a (model, task) as solved by its best seed of ten, so one seed says little. A
 probe of the same network trained 30k steps on another data order reached training accuracy 1.0 by
 step ~4500 and 1.000 at every test length from step 20k. This study trains the network over
-``SEEDS`` (10k steps, as the paper's example script) and one seed for ``LONG_STEPS``, and scores each
+``SEEDS`` (10k steps, as the paper's example script) and one seed for each of ``LONG_STEPS``, and scores each
 run as ``chomsky_counter`` does (``run_per_length_study``): the accuracy at each test length,
 interpolated to every length 41-500 and averaged (the paper's score), and over the whole held-out split.
 
@@ -28,7 +28,7 @@ from experiments.studies.chomsky_counter import PerLengthStudy, run_per_length_s
 SEEDS = (0, 1, 2, 3, 4)
 # The longer arm: the probe needed ~4500 steps to fit the training lengths and ~20k to reach 1.0 at
 # every test length; twice the main runs' steps (~13 min on 2 cores).
-LONG_STEPS = 20000
+LONG_STEPS = (20000,)
 LONG_SEEDS = (0,)
 STUDY = PerLengthStudy(
     name="chomsky_rnn_modular", model="elman", task="modular_arithmetic", seeds=SEEDS,
