@@ -116,6 +116,11 @@ def setting_text(shared: dict, *, width: str | None = None, learning_rate: str |
     )
 
 
+def run_folder(label: str) -> str:
+    """A row's run-folder name: its label without the parenthesis, dashed ("lstm V (vanilla)" -> "lstm-V")."""
+    return label.split(" (")[0].replace(" ", "-")
+
+
 def paper_claim(model: str, config: dict) -> str:
     return PAPER.get(config.get("variant", model), PAPER_DEFAULT)
 
@@ -149,7 +154,7 @@ def main(argv=None) -> str:
     models = [row for row in MODELS if not args.quick or row[0] in QUICK_MODELS]
     results, wall = R.train_models(NAME, models, TASK, shared, seeds, args.runs, metric="nll_per_frame",
                                    metric_label="test NLL/frame", full_eval={"eval_split": "test"},
-                                   run_label=lambda label: label.split(" (")[0].replace(" ", "-"))
+                                   run_label=run_folder)
 
     test = {label: statistics.mean(r.metric("nll_per_frame") for r in runs)
             for label, runs in results.items()}

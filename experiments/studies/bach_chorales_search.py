@@ -30,6 +30,7 @@ from experiments.studies.bach_chorales import (
     TASK,
     findings,
     paper_claim,
+    run_folder,
     setting_text,
 )
 
@@ -51,7 +52,7 @@ def setting_name(learning_rate: float, width: int) -> str:
 
 def run_label(label: str, learning_rate: float, width: int) -> str:
     """The run's folder name: the model's, as in bach_chorales, and its setting."""
-    return f"{label.split(' (')[0].replace(' ', '-')}-lr{learning_rate:g}-d{width}"
+    return f"{run_folder(label)}-lr{learning_rate:g}-d{width}"
 
 
 def main(argv=None) -> str:
